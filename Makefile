@@ -1,0 +1,34 @@
+# Set-up and the main jobs. `make test` and `make demo` work from a fresh clone with only Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Exact versions for this machine: torch 2.13.0 is the CPU build on local disk (an unpinned torch
+# pulls GBs of CUDA wheels); triton and numpy pinned because the interpreter breaks across releases.
+PINS := torch==2.13.0 triton==3.9.0 numpy==2.4.6 transformers==5.23.0 gguf==0.19.0 safetensors==0.8.0
+STAMP := $(VENV)/.installed
+MODEL := smollm2-135m
+
+.PHONY: test demo clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the dependency list or the pins change.
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PINS) -e '.[dev,server]'
+	touch $@
+
+# pytest exits 5 when it collects no test: that is a failure here, said in words.
+test: $(STAMP)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
+
+demo: $(STAMP)
+	$(BIN)/lowrank pull $(MODEL)
+	$(BIN)/lowrank generate $(MODEL) --chat --max-tokens 96 \
+		"Write a Python function that returns the n-th Fibonacci number."
+	$(BIN)/lowrank eval $(MODEL)
+
+clean-venv:
+	rm -rf $(VENV)

