@@ -16,6 +16,7 @@ from pathlib import Path
 from .pull import REGISTRY, PullError, pull
 
 DEFAULT_TEXT = Path("shared/corpus/pydocs/valid.txt")  # beside the repository, as ../shared
+DEFAULT_CALIB = Path("shared/corpus/pydocs/train.txt")
 
 
 class UsageError(Exception):
@@ -37,12 +38,12 @@ def resolve_model(arg: str) -> Path:
     return pulled
 
 
-def default_text() -> Path:
+def default_text(relative: Path = DEFAULT_TEXT, option: str = "--text") -> Path:
     repo_root = Path(__file__).resolve().parents[1]
-    for candidate in (Path.cwd().parent / DEFAULT_TEXT, repo_root.parent / DEFAULT_TEXT):
+    for candidate in (Path.cwd().parent / relative, repo_root.parent / relative):
         if candidate.is_file():
             return candidate
-    raise UsageError(f"no --text given and the default ../{DEFAULT_TEXT} is not present")
+    raise UsageError(f"no {option} given and the default ../{relative} is not present")
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -60,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
     text_path = Path(args.text) if args.text else default_text()
     text = load_text(text_path, args.max_chars)
-    model = load_model(path, dtype=args.dtype, device=args.device)
+    model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     result = perplexity(model, ids, ctx=args.ctx, stride=args.ctx if args.stride is None else args.stride, batch_size=args.batch_size)
@@ -75,6 +76,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(record | result.as_dict(), indent=2) + "\n")
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from .compress import CompressConfig, compress, rank_table
+
+    path = resolve_model(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"output folder {out} exists; pass --force to replace it")
+    calib = Path(args.calib) if args.calib else default_text(DEFAULT_CALIB, "--calib")
+    config = CompressConfig(
+        ratio=args.ratio, method=args.method, calib=str(calib), samples=args.samples, seq_len=args.seq_len,
+        steps=args.steps, device=args.device or "cpu", seed=args.seed,
+    )
+    from engine import ModelConfig
+
+    ModelConfig.from_folder(path)  # a missing or unsupported model fails before any work
+    manifest = compress(path, out, config)
+    print(rank_table(manifest))
+    print(
+        f"{config.method} ratio {manifest['achieved_ratio']:.4f} of the decoder's linear parameters removed "
+        f"(target {config.ratio}); whole model {manifest['model_ratio']:.4f}; wrote {out}"
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
@@ -82,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from engine.generate import stream_tokens
 
     path = resolve_model(args.model)
-    model = load_model(path, dtype=args.dtype, device=args.device)
+    model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if args.chat:
         if tokenizer.chat_template is None:
@@ -124,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=cmd_eval)
 
+    p = sub.add_parser("compress", help="compress a model folder (svd, svd-llm or soco)")
+    p.add_argument("model", help="model folder, or a pulled model's name")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of decoder linear parameters to remove")
+    p.add_argument("--method", default="soco", choices=["svd", "svd-llm", "soco"])
+    p.add_argument("--calib", help="calibration text (default: ../shared/corpus/pydocs/train.txt)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--steps", type=int, default=600, help="SoCo training steps (default 600)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(run=cmd_compress)
+
     p = sub.add_parser("generate", help="generate a completion (or a chat reply with --chat)")
     p.add_argument("model", help="model folder, or a pulled model's name")
     p.add_argument("prompt")
@@ -139,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--ratio", type=float, help="compressed folders: serve a smaller rank prefix at this ratio")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 _DTYPES = {
+    "float64": torch.float64,  # for references in tests
     "float32": torch.float32,
     "fp32": torch.float32,
     "float16": torch.float16,
@@ -35,7 +36,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """'fp16' / 'bfloat16' / torch.float32 ... -> torch.dtype, with a clear error otherwise."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16, bfloat16 (or float64)")
         return dtype
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import lowrank_gemm
+
 
 class Linear(nn.Module):
     """y = x Wᵀ + b with W [out, in], stored under HF's names (`weight`, `bias`)."""
@@ -25,6 +27,27 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class LowRankLinear(nn.Module):
+    """y = (x Bᵀ) Aᵀ + b with A [out, r], B [r, in]: a factorised `Linear`, same call signature.
+
+    Stored as `A`, `B` (and `bias`) under the original module's name, components in descending
+    importance, so `A[:, :k]`, `B[:k]` is itself a valid smaller layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Parameter(torch.empty(out_features, rank), requires_grad=False)
+        self.B = nn.Parameter(torch.empty(rank, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowrank_gemm(x, self.A, self.B, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
 class RMSNorm(nn.Module):

@@ -1,7 +1,10 @@
-"""Load an HF model folder (config.json + safetensors) straight into our modules.
+"""Load an HF model folder, dense or compressed, straight into our modules.
 
-As gpt-fast does: build on the meta device (no wasted init), then assign the checkpoint's
-tensors, cast to the chosen dtype on the chosen device. Safetensors only; never pickles.
+As gpt-fast does: build on the meta device (no wasted init), swap factorised projections for
+`LowRankLinear`, then assign the checkpoint's tensors, cast to the chosen dtype on the chosen
+device. A compressed folder (`lowrank.json` beside the weights) can be served at a higher
+compression ratio than it was baked at: its stored scores pick a rank prefix per module by the
+same global rule bake used. Safetensors only; never pickles.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig, ModelFolderError, parse_dtype
+from .layers import LowRankLinear
 from .model import CausalLM
+from .rank_budget import allocate_ranks
+
+MANIFEST = "lowrank.json"
+RATIO_TOLERANCE = 0.005  # bake meets the requested ratio within ±0.5 % of the linear parameters
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -31,6 +39,17 @@ def weight_files(path: str | Path) -> list[Path]:
     raise ModelFolderError(f"{path} is not a model folder: model.safetensors is missing")
 
 
+def read_manifest(path: str | Path) -> dict | None:
+    """The compressed folder's lowrank.json, or None for a dense folder."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{file} is not valid JSON: {exc}") from None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -42,26 +61,67 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
     return parse_dtype(config.torch_dtype or "bfloat16")
 
 
+def serving_ranks(path: Path, manifest: dict, files: list[Path], ratio: float | None) -> dict[str, int]:
+    """Rank per factorised module: as baked, or the prefix that meets `ratio` under the global rule."""
+    modules = manifest["modules"]
+    factorized = {name: m for name, m in modules.items() if m["factorized"]}
+    if ratio is None:
+        return {name: m["rank"] for name, m in factorized.items()}
+    baked = manifest["achieved_ratio"]
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if ratio < baked - RATIO_TOLERANCE:
+        raise ValueError(f"{path} was baked at ratio {baked:.4f}; it can serve ratio >= that, not {ratio}")
+    scores = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
+    total = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
+    fixed = sum(m["shape"][0] * m["shape"][1] for m in modules.values() if not m["factorized"])
+    shapes = {name: tuple(m["shape"]) for name, m in factorized.items()}
+    budget = int((1 - ratio) * total) - fixed
+    return allocate_ranks({n: scores[n] for n in factorized}, shapes, budget, dense_fallback=False)
+
+
 def load_model(
-    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    ratio: float | None = None,
 ) -> CausalLM:
-    """Read `path` into a CausalLM in eval mode on `device` (default: CUDA if present) in `dtype`."""
+    """Read `path` into a CausalLM in eval mode on `device` (default: CUDA if present) in `dtype`.
+
+    `ratio` (compressed folders only): serve a smaller model, removing that fraction of the
+    decoder's linear parameters, from the stored components in importance order.
+    """
+    path = Path(path)
     config = ModelConfig.from_folder(path)
     files = weight_files(path)
+    manifest = read_manifest(path)
+    if ratio is not None and manifest is None:
+        raise ValueError(f"{path} is a dense folder; a ratio needs a compressed one (`lowrank compress`)")
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, device)
+    ranks = serving_ranks(path, manifest, files, ratio) if manifest else {}
     with torch.device("meta"):
         model = CausalLM(config)
+        for name, rank in ranks.items():
+            dense = model.get_submodule(name)
+            low = LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, low)
     expected = {name: p.shape for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
+                if name.endswith(".score") and name.removesuffix(".score") in ranks:
+                    continue  # importance scores choose ranks; they are not weights
                 if name not in expected:
                     if name == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # some tied checkpoints store the head anyway
                     raise ModelFolderError(f"{file}: unexpected tensor {name!r} for a {config.model_type} model")
-                tensor = f.get_tensor(name)
+                tensor = _read_prefix(f, name, ranks)
                 if tensor.shape != expected[name]:
                     raise ModelFolderError(
                         f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
@@ -73,3 +133,12 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary.materialize(device)
     return model.eval()
+
+
+def _read_prefix(f, name: str, ranks: dict[str, int]) -> torch.Tensor:
+    """A tensor, or for a factor only its first `rank` components (read lazily, not the whole)."""
+    module, _, leaf = name.rpartition(".")
+    if module in ranks and leaf in ("A", "B"):
+        rank = ranks[module]
+        return f.get_slice(name)[:, :rank] if leaf == "A" else f.get_slice(name)[:rank]
+    return f.get_tensor(name)

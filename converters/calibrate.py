@@ -1,0 +1,102 @@
+"""Calibration: token windows sampled from a text file, and the input Gram XᵀX of every decoder linear.
+
+Inputs of q/k/v are the same tensor (the attention norm's output), and so are gate/up's (the
+MLP norm's output): one Gram each, hooked on q_proj and gate_proj. Each batch's Gram is
+computed in float32 (a float64 matmul costs ~5× on CPU) and accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.model import CausalLM
+
+# Which hooked module's input Gram each decoder linear uses.
+SHARED_INPUT = {
+    "q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+    "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    grams: dict[str, torch.Tensor]  # hooked module name -> float64 [in, in] sum of xᵀx
+    tokens: int  # rows summed into each Gram
+    source: str  # file the windows came from
+    samples: int
+    seq_len: int
+    seed: int
+
+    def gram_for(self, linear_name: str) -> torch.Tensor:
+        """The Gram of a decoder linear's input, e.g. 'model.layers.3.self_attn.k_proj'."""
+        parent, _, leaf = linear_name.rpartition(".")
+        return self.grams[f"{parent}.{SHARED_INPUT[leaf]}"]
+
+
+def decoder_linears(model: CausalLM) -> list[str]:
+    """Names of every projection inside the decoder layers, in model order."""
+    return [
+        f"model.layers.{i}.{group}.{leaf}"
+        for i in range(model.config.num_layers)
+        for group, leaves in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              ("mlp", ("gate_proj", "up_proj", "down_proj")))
+        for leaf in leaves
+    ]
+
+
+def sample_windows(token_ids: list[int], samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`samples` disjoint windows of `seq_len` tokens, chosen with a fixed seed -> [samples, seq_len]."""
+    available = len(token_ids) // seq_len
+    if available < samples:
+        raise ValueError(
+            f"calibration text has {len(token_ids)} tokens, fewer than samples × seq_len = "
+            f"{samples} × {seq_len} = {samples * seq_len}"
+        )
+    ids = torch.as_tensor(token_ids[: available * seq_len], dtype=torch.long).view(available, seq_len)
+    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:samples]
+    return ids[pick.sort().values]
+
+
+def tokenize_file(tokenizer, path: str | Path) -> list[int]:
+    from engine.perplexity import load_text
+
+    return tokenizer(load_text(path), add_special_tokens=False, verbose=False)["input_ids"]
+
+
+@torch.inference_mode()
+def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Run `windows` through `model`, summing xᵀx of each hooked linear's input into float64."""
+    hooked = [n for n in decoder_linears(model) if SHARED_INPUT[n.rpartition(".")[2]] == n.rpartition(".")[2]]
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            gram = (x.T @ x).double()
+            if name in grams:
+                grams[name] += gram
+            else:
+                grams[name] = gram
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in hooked]
+    try:
+        for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", unit="batch"):
+            model.hidden_states(list(windows[i : i + batch_size]))
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def calibrate(
+    model: CausalLM, tokenizer, text: str | Path, samples: int = 128, seq_len: int = 512, seed: int = 0
+) -> Calibration:
+    windows = sample_windows(tokenize_file(tokenizer, text), samples, seq_len, seed)
+    grams = collect_grams(model, windows)
+    return Calibration(grams, samples * seq_len, str(text), samples, seq_len, seed)
