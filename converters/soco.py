@@ -7,25 +7,34 @@ pushed below zero still feels the distillation gradient and can come back (plain
 once cut, never do). Only components up to the module's break-even rank in·out/(in+out) are
 trained: a module keeping more is stored dense, so the student costs at most the dense model.
 
+Ranking. The global threshold (`engine.rank_budget.allocate_ranks`, the rule bake and the
+loader use) ranks components by key = relu(m)·(1 + PRIOR·u), u = SVD-LLM's uniform-rank
+priority: with all m = 1 the keep set is exactly SVD-LLM's, and learning moves away from it.
+The keys are what bake stores as `X.score`; relu(m) is the mask folded into A.
+
 Losses.
   L_inc = KL(teacher ‖ student) of next-token distributions, mean over tokens; teacher = the
           dense model, on windows of the calibration text (never held-out text).
-  L_dec = relu(P(m) / P_target − 1), P(m) = Σ_modules (out + in)·#{i: m_i > 0}: the parameters
-          of the components still on, so the ratio read in training is the one bake will meet;
-          its gradient is that of Σ (out + in)·clamp(m_i, 0, 1) (straight-through).
-          P_target = (1 − ratio)·P_dense.
-  L_sp  = L1 on the scores outside the keep set (below the global threshold), applied as a
-          proximal step whose size grows so they reach exact zero at the last step.
-Stages (one run, Adam on m):
+  L_dec = relu(P(m) / P_target − 1), P(m) = Σ_modules (out + in)·#{i: m_i > 0}, the parameters of
+          the components still on (so the ratio read in training is the one bake meets);
+          P_target = (1 − ratio)·P_dense. Its gradient is that of Σ (out + in)·clamp(m_i, 0, 1)
+          over the components outside the current keep set only (straight-through): pressure
+          on every score alike shrank all σ and raised the KL to 1.5 nats before any component
+          reached zero; aimed at the would-be-cut ones, they reach zero while the rest hold.
+  L_sp  = L1 on the scores outside the keep set, applied as a proximal step sized so they reach
+          exact zero at the last step.
+Stages (one run, Adam on m, lr 3e-2):
   1. compression, steps [0, s1): L_inc + λ(t)·L_dec, λ(t) = λ0·(1 + ramp)^t. λ0 is calibrated
      at step 0 so that L_dec's mean gradient per score equals L_inc's (the two are otherwise
      on unrelated scales: a fixed λ = 1 moved no score to zero in 70 steps on SmolLM2). Ends
-     when the implied ratio reaches the target (or at `stage1_frac`).
+     when the implied ratio reaches the target (or at `stage1_frac` of the steps).
   2. oscillation, to `stage2_frac`: L_dec (λ frozen at its stage-1 end value) switched on while
-     the implied ratio is below the target and off above it, so L_inc restores what was over-pruned while the ratio hovers at the target.
-  3. sparsification, to the end: L_inc + the L_sp proximal step; the keep set is recomputed each
-     step by the bake rule (`engine.rank_budget.allocate_ranks`); survivors are free to grow
-     above 1 and compensate for what is cut.
+     the implied ratio is below the target and off above it, so L_inc restores what was
+     over-pruned while the ratio hovers at the target.
+  3. sparsification, to the end: L_inc + the L_sp proximal step, the keep set recomputed each
+     step; survivors are free to grow above 1 and compensate for what is cut.
+Measured (SmolLM2-135M, ratio 0.3, 200 steps of 2 × 128 tokens, 32 calibration windows, 7 min
+on 2 CPU cores): perplexity 29.6 on a train.txt tail vs 45.3 for SVD-LLM (dense 14.3).
 """
 
 from __future__ import annotations

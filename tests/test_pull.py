@@ -33,17 +33,6 @@ def test_failure_mid_conversion_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_temp_folder_of_a_dead_process_is_removed(tmp_path, monkeypatch):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f"smollm2-135m.tmp-{dead.pid}"
-    stale.mkdir()
-    live = tmp_path / f"smollm2-135m.tmp-{os.getppid()}"  # a pull still running elsewhere: kept
-    live.mkdir()
-    pull_module._remove_stale_tmp(tmp_path / "smollm2-135m")
-    assert not stale.exists() and live.exists()
-
-
 def test_incomplete_destination_is_an_error_not_overwritten(tmp_path):
     (tmp_path / "smollm2-135m").mkdir()
     (tmp_path / "smollm2-135m" / "notes.txt").write_text("mine")
