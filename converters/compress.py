@@ -21,7 +21,7 @@ from engine.rank_budget import uniform_priority
 from .bake import bake
 from .calibrate import SHARED_INPUT, collect_grams, decoder_linears, sample_windows, tokenize_file
 from .factorize import Factors, whitened_svd
-from .soco import SoCoConfig, train_scores
+from .soco import PRIOR, RATIO_SLACK, SoCoConfig, train_scores
 
 METHODS = ("svd", "svd-llm", "soco")
 
@@ -97,7 +97,8 @@ def compress_prepared(prepared: Prepared, model_dir: str | Path, out: str | Path
         dense_total = sum(o * i for o, i in (f.shape for f in factors.values()))
         result = train_scores(prepared.model, factors, train_windows, soco, dense_total)
         scores, scales = result.scores, result.scales
-        manifest["soco"] = {"config": soco.as_dict(), "train_windows": count, "seconds": round(result.seconds, 1),
+        manifest["soco"] = {"config": soco.as_dict(), "prior": PRIOR, "ratio_slack": RATIO_SLACK,
+                            "train_windows": count, "seconds": round(result.seconds, 1),
                             "history": result.history}
     else:
         scores = {name: uniform_priority(f.shape, len(f.sigma)) for name, f in factors.items()}
