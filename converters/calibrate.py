@@ -7,7 +7,6 @@ computed in float32 (a float64 matmul costs ~5× on CPU) and accumulated in floa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,19 +21,10 @@ SHARED_INPUT = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    grams: dict[str, torch.Tensor]  # hooked module name -> float64 [in, in] sum of xᵀx
-    tokens: int  # rows summed into each Gram
-    source: str  # file the windows came from
-    samples: int
-    seq_len: int
-    seed: int
-
-    def gram_for(self, linear_name: str) -> torch.Tensor:
-        """The Gram of a decoder linear's input, e.g. 'model.layers.3.self_attn.k_proj'."""
-        parent, _, leaf = linear_name.rpartition(".")
-        return self.grams[f"{parent}.{SHARED_INPUT[leaf]}"]
+def gram_key(linear_name: str) -> str:
+    """The hooked module whose input Gram serves a decoder linear ('…k_proj' -> '…q_proj')."""
+    parent, _, leaf = linear_name.rpartition(".")
+    return f"{parent}.{SHARED_INPUT[leaf]}"
 
 
 def decoder_linears(model: CausalLM) -> list[str]:
@@ -70,7 +60,7 @@ def tokenize_file(tokenizer, path: str | Path) -> list[int]:
 @torch.inference_mode()
 def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
     """Run `windows` through `model`, summing xᵀx of each hooked linear's input into float64."""
-    hooked = [n for n in decoder_linears(model) if SHARED_INPUT[n.rpartition(".")[2]] == n.rpartition(".")[2]]
+    hooked = list(dict.fromkeys(gram_key(n) for n in decoder_linears(model)))
     grams: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -92,11 +82,3 @@ def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4) -
         for h in handles:
             h.remove()
     return grams
-
-
-def calibrate(
-    model: CausalLM, tokenizer, text: str | Path, samples: int = 128, seq_len: int = 512, seed: int = 0
-) -> Calibration:
-    windows = sample_windows(tokenize_file(tokenizer, text), samples, seq_len, seed)
-    grams = collect_grams(model, windows)
-    return Calibration(grams, samples * seq_len, str(text), samples, seq_len, seed)

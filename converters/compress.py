@@ -19,7 +19,7 @@ from engine.model import CausalLM
 from engine.rank_budget import uniform_priority
 
 from .bake import bake
-from .calibrate import SHARED_INPUT, collect_grams, decoder_linears, sample_windows, tokenize_file
+from .calibrate import SHARED_INPUT, collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
 from .factorize import Factors, whitened_svd
 from .soco import PRIOR, RATIO_SLACK, SoCoConfig, train_scores
 
@@ -77,9 +77,7 @@ def prepare(model_dir: str | Path, config: CompressConfig, whiten: bool) -> Prep
                        "tokens": config.samples * config.seq_len, "seed": config.seed}
     factors: dict[str, Factors] = {}
     for name in tqdm(decoder_linears(model), desc="factorize", unit="linear"):
-        parent, _, leaf = name.rpartition(".")
-        gram = grams.get(f"{parent}.{SHARED_INPUT[leaf]}")
-        factors[name] = whitened_svd(model.get_submodule(name).weight, gram)
+        factors[name] = whitened_svd(model.get_submodule(name).weight, grams.get(gram_key(name)))
     return Prepared(model, factors, token_ids, calibration, time.perf_counter() - start)
 
 

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, Qwen2Config
 from conftest import save_tiny_model
 from converters import bake as bake_module
 from converters.bake import bake
-from converters.calibrate import collect_grams, decoder_linears, SHARED_INPUT
+from converters.calibrate import collect_grams, decoder_linears, gram_key
 from converters.factorize import whitened_svd
 from converters.soco import SoCoConfig, train_scores
 from engine import load_model
@@ -31,8 +31,7 @@ def _factorized(folder, whiten=True):
     grams = collect_grams(model, windows) if whiten else {}
     factors = {}
     for name in decoder_linears(model):
-        parent, _, leaf = name.rpartition(".")
-        factors[name] = whitened_svd(model.get_submodule(name).weight, grams.get(f"{parent}.{SHARED_INPUT[leaf]}"))
+        factors[name] = whitened_svd(model.get_submodule(name).weight, grams.get(gram_key(name)))
     return model, factors
 
 
