@@ -79,7 +79,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     from .compress import CompressConfig, compress, rank_table
 
+    from engine import ModelConfig
+
     path = resolve_model(args.model)
+    ModelConfig.from_folder(path)  # a missing or unsupported model fails before any work
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UsageError(f"output folder {out} exists; pass --force to replace it")
@@ -88,9 +91,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
         ratio=args.ratio, method=args.method, calib=str(calib), samples=args.samples, seq_len=args.seq_len,
         steps=args.steps, device=args.device or "cpu", seed=args.seed,
     )
-    from engine import ModelConfig
-
-    ModelConfig.from_folder(path)  # a missing or unsupported model fails before any work
     manifest = compress(path, out, config)
     print(rank_table(manifest))
     print(
