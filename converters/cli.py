@@ -77,9 +77,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .compress import CompressConfig, compress, rank_table
-
     from engine import ModelConfig
+
+    from .compress import CompressConfig, compress, rank_table
 
     path = resolve_model(args.model)
     ModelConfig.from_folder(path)  # a missing or unsupported model fails before any work
