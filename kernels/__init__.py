@@ -1,12 +1,57 @@
 """Triton kernels, each beside its plain-torch reference; imports only torch and triton.
 
-`lowrank_gemm` is the one entry point callers use. Today it is the torch reference on every
-device; the Triton kernel plugs in here (chosen once: Triton on CUDA or under
-TRITON_INTERPRET=1, the reference otherwise) with the same signature.
+`lowrank_gemm` is the one entry point callers use (the engine's `LowRankLinear`, the SoCo
+trainer). The backend is chosen once, at import, from `LOWRANK_KERNELS`:
+
+- `auto` (default): Triton for CUDA tensors, and for CPU tensors when `TRITON_INTERPRET=1`
+  (how CI checks the kernels); the torch reference otherwise (CPU, and float64 anywhere).
+- `torch`: the reference everywhere (debugging: rules the kernels out).
+- `triton`: the kernels everywhere; CPU tensors then need `TRITON_INTERPRET=1`.
 """
 
-from .lowrank_gemm import lowrank_gemm_ref
+from __future__ import annotations
 
-lowrank_gemm = lowrank_gemm_ref
+import os
 
-__all__ = ["lowrank_gemm", "lowrank_gemm_ref"]
+import torch
+
+from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref
+from .lowrank_gemm import lowrank_gemm as lowrank_gemm_triton
+
+BACKEND_ENV = "LOWRANK_KERNELS"
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _backend() -> str:
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+BACKEND = _backend()
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether `lowrank_gemm` runs the Triton kernel for this input."""
+    if BACKEND == "triton":
+        return True
+    return BACKEND == "auto" and x.dtype in KERNEL_DTYPES and (x.is_cuda or _INTERPRET)
+
+
+def lowrank_gemm(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    rank: int | None = None,
+) -> torch.Tensor:
+    """y = ((x·Bᵀ) ⊙ scale[:rank])·A[:, :rank]ᵀ + bias for x [..., in], B [r, in], A [out, r]."""
+    if uses_triton(x):
+        return lowrank_gemm_triton(x, A, B, bias, scale, rank)
+    return lowrank_gemm_ref(x, A, B, bias, scale, rank)
+
+
+__all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "uses_triton"]

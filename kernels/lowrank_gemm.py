@@ -1,12 +1,176 @@
-"""Low-rank GEMM y = ((x·Bᵀ) ⊙ scale[:rank]) · A[:, :rank]ᵀ + bias.
+"""Low-rank GEMM y = ((x·Bᵀ) ⊙ scale[:rank]) · A[:, :rank]ᵀ + bias, as a shrink + expand pair.
 
-`lowrank_gemm_ref` is the plain-torch reference (and the CPU path): written for clarity, the
-Triton kernel is checked against it.
+Shrink: t = (x·Bᵀ) ⊙ s, tiled over (rows, rank) and split along `in` when the grid would
+otherwise leave the GPU idle (decode: one row block, a few rank blocks). Each split writes its
+own fp32 partial; the expand kernel sums the partials as it loads t: deterministic, no atomics,
+no zeroed buffer, and the only round trip through memory is the small [splits, M, r] t.
+Expand: y = t·Aᵀ + bias, tiled over (rows, out) with the full-rank loop inside.
+Both read A and B exactly once from HBM in decode; both use `tl.dot` (fp32 accumulation).
+
+`lowrank_gemm` is the Triton launcher, `LowRankGEMM` its autograd function (grads for x and
+the scale, A and B frozen: what SoCo trains), `lowrank_gemm_ref` the plain-torch reference and
+CPU path.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Split `in` until the shrink grid has about this many programs per SM.
+PROGRAMS_PER_SM = 2
+SPLIT_ALIGN = 256  # every split but the last covers a multiple of the largest BLOCK_K
+
+
+def _configs(pinned: dict, tuned: list[tuple[dict, int, int]]) -> list[triton.Config]:
+    """One pinned config under the interpreter (autotune needs a GPU driver), the sweep on a GPU."""
+    if INTERPRET:
+        return [triton.Config(pinned, num_warps=4, num_stages=1)]
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in tuned]
+
+
+def _prune_rows(configs, named_args, **kwargs):
+    """Decode (<= 16 rows) tries only 16-row blocks, more rows only the big ones: padded rows are wasted work."""
+    small = named_args["M_BUCKET"] <= 16
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small] or configs
+
+
+SHRINK_CONFIGS = _configs(
+    {"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_K": 64},
+    [({"BLOCK_M": 16, "BLOCK_R": r, "BLOCK_K": k}, 4, s) for r in (32, 64) for k in (128, 256) for s in (3, 4)]
+    + [({"BLOCK_M": m, "BLOCK_R": r, "BLOCK_K": 64}, w, 3) for m in (64, 128) for r in (64, 128) for w in (4, 8)],
+)
+EXPAND_CONFIGS = _configs(
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 64},
+    [({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_R": r}, 4, s) for n in (32, 64) for r in (64, 128) for s in (3, 4)]
+    + [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_R": 64}, w, 3) for m in (64, 128) for n in (64, 128) for w in (4, 8)],
+)
+
+
+@triton.autotune(SHRINK_CONFIGS, key=["M_BUCKET", "R", "K", "SPLITS"], prune_configs_by={"early_config_prune": _prune_rows})
+@triton.jit
+def _shrink_kernel(
+    x_ptr, w_ptr, s_ptr, t_ptr,
+    M, R, K, K_PER_SPLIT, M_BUCKET, SPLITS,
+    stride_xm, stride_xk, stride_wr, stride_wk, stride_ts, stride_tm,
+    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """t[split, m, r] = sum over this split's k of x[m, k]·w[r, k], times s[r]."""
+    pid_m, pid_r, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        in_k = offs_k < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m < M)[:, None] & in_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptr + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk,
+                    mask=(offs_r < R)[None, :] & in_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_R)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: do it in fp32 there
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        if IEEE:  # fp32 inputs: no silent TF32
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    if HAS_SCALE:
+        acc *= tl.load(s_ptr + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)[None, :]
+    t_ptrs = t_ptr + pid_s * stride_ts + offs_m[:, None] * stride_tm + offs_r[None, :]
+    tl.store(t_ptrs, acc, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :])
+
+
+@triton.autotune(EXPAND_CONFIGS, key=["M_BUCKET", "N", "R", "SPLITS"], prune_configs_by={"early_config_prune": _prune_rows})
+@triton.jit
+def _expand_kernel(
+    t_ptr, a_ptr, bias_ptr, y_ptr,
+    M, N, R, M_BUCKET, SPLITS,
+    stride_ts, stride_tm, stride_an, stride_ar, stride_ym,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y[m, n] = sum_r (sum over splits of t[split, m, r])·a[n, r] + bias[n]."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, R, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)
+        t_mask = (offs_m < M)[:, None] & (offs_r < R)[None, :]
+        t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :]
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
+        a = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None] * stride_ar,
+                    mask=(offs_n < N)[None, :] & (offs_r < R)[:, None], other=0.0)  # (BLOCK_R, BLOCK_N)
+        if UPCAST:
+            a = a.to(tl.float32)
+        else:  # t meets A in A's dtype, as it would between two cuBLAS GEMMs
+            t = t.to(a.dtype)
+        if IEEE:
+            acc = tl.dot(t, a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(t, a, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def _sm_count(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 4  # a small pretend GPU, so the interpreter exercises the split path on CI shapes
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _bucket(m: int) -> int:
+    """Autotune key for the row count: powers of two, so a new batch size rarely retunes."""
+    return min(triton.next_power_of_2(m), 4096)
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    upcast = INTERPRET and dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
+    return {"UPCAST": upcast, "IEEE": upcast or dtype == torch.float32}
+
+
+def _shrink(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K], w [R, K] (any strides) -> fp32 partials [splits, M, R] with (x·wᵀ) ⊙ scale = their sum."""
+    (M, K), R = x.shape, w.shape[0]
+    row_blocks, rank_blocks = triton.cdiv(M, 64 if M > 16 else 16), triton.cdiv(R, 64)
+    wanted = max(1, PROGRAMS_PER_SM * _sm_count(x.device) // (row_blocks * rank_blocks))
+    k_per_split = triton.cdiv(triton.cdiv(K, min(wanted, triton.cdiv(K, SPLIT_ALIGN))), SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = triton.cdiv(K, k_per_split)
+    t = torch.empty(splits, M, R, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]), splits)  # noqa: E731
+    _shrink_kernel[grid](
+        x, w, scale if scale is not None else t, t,
+        M, R, K, k_per_split, _bucket(M), splits,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1),
+        HAS_SCALE=scale is not None, **_flags(x.dtype),
+    )
+    return t
+
+
+def _expand(t: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 partials t [splits, M, R], a [N, R] (any strides) -> y [M, N] = (Σ t)·aᵀ + bias in a's dtype."""
+    splits, M, R = t.shape
+    N = a.shape[0]
+    y = torch.empty(M, N, device=t.device, dtype=a.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _expand_kernel[grid](
+        t, a, bias if bias is not None else y, y,
+        M, N, R, _bucket(M), splits,
+        t.stride(0), t.stride(1), a.stride(0), a.stride(1), y.stride(0),
+        HAS_BIAS=bias is not None, **_flags(a.dtype),
+    )
+    return y
 
 
 def check_lowrank_args(
@@ -16,15 +180,24 @@ def check_lowrank_args(
     """Validate shapes; return the rank to use. Errors name the tensors and their shapes."""
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[0]:
         raise ValueError(f"A must be [out, r] and B [r, in], got A {tuple(A.shape)} and B {tuple(B.shape)}")
-    if x.shape[-1] != B.shape[1]:
-        raise ValueError(f"x [..., {x.shape[-1]}] does not match B {tuple(B.shape)} (in = {B.shape[1]})")
+    if x.dim() == 0 or x.shape[-1] != B.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} must be [..., in] with in = {B.shape[1]} from B {tuple(B.shape)}")
     r = B.shape[0] if rank is None else rank
     if not 0 <= r <= B.shape[0]:
-        raise ValueError(f"rank must be in [0, {B.shape[0]}], got {rank}")
+        raise ValueError(f"rank must be in [0, {B.shape[0]}] for B {tuple(B.shape)}, got {rank}")
     if scale is not None and (scale.dim() != 1 or scale.shape[0] < r):
-        raise ValueError(f"scale must be [r >= {r}], got {tuple(scale.shape)}")
+        raise ValueError(f"scale must be [r >= {r}], got scale {tuple(scale.shape)}")
     if bias is not None and bias.shape != (A.shape[0],):
-        raise ValueError(f"bias must be [{A.shape[0]}], got {tuple(bias.shape)}")
+        raise ValueError(f"bias must be [{A.shape[0]}] for A {tuple(A.shape)}, got bias {tuple(bias.shape)}")
+    named = {"x": x, "A": A, "B": B, "bias": bias, "scale": scale}
+    tensors = {k: v for k, v in named.items() if v is not None}
+    if len({v.device for v in tensors.values()}) > 1:
+        raise ValueError("tensors on different devices: " + ", ".join(f"{k} {tuple(v.shape)} on {v.device}"
+                                                                       for k, v in tensors.items()))
+    same_dtype = {k: v for k, v in tensors.items() if k != "scale"}  # the mask may stay fp32
+    if len({v.dtype for v in same_dtype.values()}) > 1 or not x.is_floating_point():
+        raise ValueError("x, A, B and bias must share one floating dtype: " + ", ".join(
+            f"{k} {tuple(v.shape)} {v.dtype}" for k, v in same_dtype.items()))
     return r
 
 
@@ -40,6 +213,83 @@ def lowrank_gemm_ref(
     r = check_lowrank_args(x, A, B, bias, scale, rank)
     t = x @ B[:r].T  # (..., r)
     if scale is not None:
-        t = t * scale[:r]
+        t = t * scale[:r].to(t.dtype)
     y = t @ A[:, :r].T  # (..., out)
     return y if bias is None else y + bias
+
+
+def _products(use_triton: bool):
+    """(x·wᵀ ⊙ s, t·aᵀ + b) on 2-D operands: the kernels, or torch for the float64 gradcheck."""
+    if use_triton:
+        return (lambda x, w, s: _shrink(x, w, s).sum(0)), (lambda t, a, b: _expand(t[None], a, b))
+
+    def shrink(x, w, s):
+        t = x @ w.T
+        return t if s is None else t * s.to(t.dtype)
+
+    def expand(t, a, b):
+        y = t.to(a.dtype) @ a.T
+        return y if b is None else y + b
+
+    return shrink, expand
+
+
+class LowRankGEMM(torch.autograd.Function):
+    """y = ((x·Bᵀ) ⊙ s)·Aᵀ + b with gradients for x and s; A, B and b are frozen.
+
+    dL/ds = Σ_rows (dy·A) ⊙ (x·Bᵀ)   dL/dx = ((dy·A) ⊙ s)·B
+    Both are one more shrink (dy against Aᵀ) plus the products above, so backward runs on the
+    same two kernels as forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, bias, scale, rank: int, use_triton: bool):
+        shrink, expand = _products(use_triton)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = expand(shrink(x2, B[:rank], None if scale is None else scale[:rank]), A[:, :rank], bias)
+        ctx.save_for_backward(x, A, B, scale)
+        ctx.rank, ctx.use_triton = rank, use_triton
+        return y.reshape(*x.shape[:-1], A.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, scale = ctx.saved_tensors
+        r = ctx.rank
+        shrink, expand = _products(ctx.use_triton)
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).to(x.dtype)
+        g = shrink(dy2, A[:, :r].T, None)  # (rows, r) fp32 on the kernel path
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            gs = g if scale is None else g * scale[:r].to(g.dtype)
+            grad_x = expand(gs, B[:r].T, None).reshape(x.shape)
+        if scale is not None and ctx.needs_input_grad[4]:
+            u = shrink(x2, B[:r], None)  # recomputed: cheaper than keeping (rows, r) alive
+            grad_scale = torch.zeros_like(scale)
+            grad_scale[:r] = (g * u).sum(0).to(scale.dtype)
+        return grad_x, None, None, None, grad_scale, None, None
+
+
+def lowrank_gemm(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    rank: int | None = None,
+) -> torch.Tensor:
+    """The Triton path of `lowrank_gemm_ref` (same signature); differentiable in x and scale."""
+    r = check_lowrank_args(x, A, B, bias, scale, rank)
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernel takes {KERNEL_DTYPES}, got x {tuple(x.shape)} {x.dtype}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1, got x on {x.device}")
+    frozen = {"A": A, "B": B, "bias": bias}
+    if any(v is not None and v.requires_grad for v in frozen.values()):
+        raise ValueError("the kernel's backward treats A, B and bias as frozen; got one that requires grad")
+    if x.numel() == 0 or r == 0:
+        return lowrank_gemm_ref(x, A, B, bias, scale, r)
+    if torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad)):
+        return LowRankGEMM.apply(x, A, B, bias, scale, r, True)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _expand(_shrink(x2, B[:r], scale), A[:, :r], bias)
+    return y.reshape(*x.shape[:-1], A.shape[0])

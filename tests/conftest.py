@@ -18,6 +18,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Route `kernels.lowrank_gemm` to the torch reference for a test whose subject is not the kernel.
+
+    Under the interpreter a kernel launch costs tens of milliseconds; long training runs and the
+    real model would take minutes. The kernels' own tests (and one SoCo step) keep CI honest.
+    """
+    import kernels
+
+    monkeypatch.setattr(kernels, "BACKEND", "torch")
+
+
 def save_tiny_model(config, folder: Path) -> torch.nn.Module:
     """A random transformers model for `config`, saved as a real safetensors folder; returns it (fp32, eval)."""
     from transformers import AutoModelForCausalLM

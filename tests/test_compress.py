@@ -6,12 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
+import kernels
+
 from conftest import save_tiny_model
 from converters import bake as bake_module
 from converters.bake import bake
 from converters.calibrate import collect_grams, decoder_linears, gram_key
 from converters.factorize import whitened_svd
-from converters.soco import SoCoConfig, train_scores
+from converters.soco import SoCoConfig, build_student, train_scores
 from engine import load_model
 from engine.rank_budget import allocate_ranks, uniform_priority
 from engine.loader import RATIO_TOLERANCE
@@ -98,7 +100,7 @@ def test_bake_meets_the_ratio_within_tolerance_on_a_real_sized_budget(tmp_path):
         assert abs(manifest["achieved_ratio"] - ratio) <= RATIO_TOLERANCE
 
 
-def test_short_soco_run_lowers_its_loss_and_reaches_the_ratio(tmp_path):
+def test_short_soco_run_lowers_its_loss_and_reaches_the_ratio(tmp_path, torch_kernels):
     save_tiny_model(CONFIGS["llama"], tmp_path / "dense")
     teacher, factors = _factorized(tmp_path / "dense")
     dense_total = sum(o * i for o, i in (f.shape for f in factors.values()))
@@ -113,6 +115,28 @@ def test_short_soco_run_lowers_its_loss_and_reaches_the_ratio(tmp_path):
     assert 1 - kept / dense_total >= 0.4 - 0.05
     peak = max(h["kl"] for h in result.history)
     assert final["kl"] < peak  # the distillation loss recovers from its worst point
+
+
+def test_soco_score_gradients_through_the_kernel_match_the_reference(tmp_path, monkeypatch):
+    """The student trains on the Triton kernel where there is one: same gradients as the torch path."""
+    save_tiny_model(CONFIGS["qwen2"], tmp_path / "dense")  # biased q/k/v
+    teacher, factors = _factorized(tmp_path / "dense")
+    student = build_student(teacher, factors)
+    modules = {name: student.get_submodule(name) for name in factors}
+    with torch.no_grad():
+        for m in modules.values():
+            m.scores.mul_(torch.rand_like(m.scores) * 2 - 0.5)  # some negative: the mask cuts them
+    batch = list(torch.randint(0, VOCAB, (2, 12)))
+    grads = []
+    for backend in ("auto", "torch"):
+        monkeypatch.setattr(kernels, "BACKEND", backend)
+        assert kernels.uses_triton(torch.ones(1)) is (backend == "auto")
+        student.zero_grad()
+        logits = torch.cat([student.logits(h) for h in student.hidden_states(batch)])
+        logits.logsumexp(-1).mean().backward()
+        grads.append(torch.cat([m.scores.grad for m in modules.values()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_crash_while_writing_leaves_no_folder(tmp_path, monkeypatch):
