@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: the CUDA tests (kernels at every size, the slow ones too), then the
+# kernel benchmarks, then bench/results/kernels-<device>-<date>.md. Run from anywhere:
+#   bash bench/gpu.sh            (PY=python3 bash bench/gpu.sh to pick the interpreter)
+# Logs and the raw pytest-benchmark JSON go to $OUT (default bench/results/raw/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+OUT=${OUT:-bench/results/raw}
+mkdir -p "$OUT"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU: torch.cuda.is_available() is False')"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_lowrank_gemm.py \
+    -o addopts="-ra --benchmark-disable" 2>&1 | tee "$OUT/cuda-tests.log"
+"$PY" -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-enable \
+    --benchmark-json="$OUT/kernels.json" 2>&1 | tee "$OUT/kernels-bench.log" | tail -n 5
+"$PY" bench/kernels_report.py "$OUT/kernels.json"

@@ -1,0 +1,103 @@
+"""Turn a `bench/test_kernels.py` pytest-benchmark JSON into the kernels table (markdown).
+
+    .venv/bin/python bench/kernels_report.py kernels.json [--out bench/results/kernels-<device>-<date>.md]
+
+One row per (layer, M): median time per call of ours, two GEMMs and the dense GEMM, ours in
+GB/s (decode, M <= 16: memory-bound) or TFLOP/s (prefill), and the speed-ups. The header
+records device, driver, versions and commit, so a figure can always be traced to its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DECODE_ROWS = 16
+
+
+def _run(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def environment() -> dict[str, str]:
+    import torch
+    import triton
+
+    cuda = torch.cuda.is_available()
+    driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else ""
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
+                                                             f"{torch.get_num_threads()} threads)",
+        "driver": driver or "n/a",
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "n/a",
+        "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain") else ""),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def table(benchmarks: list[dict]) -> list[str]:
+    cells: dict[tuple[str, int], dict[str, dict]] = {}
+    for b in benchmarks:
+        info = b["extra_info"]
+        per_call = b["stats"]["median"] / info["inner"]
+        cells.setdefault((info["layer"], info["m"]), {})[info["contender"]] = info | {"seconds": per_call}
+    lines = ["| layer | M | rank | ours µs | 2×GEMM µs | dense µs | ours GB/s | ours TFLOP/s | vs 2×GEMM | vs dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (layer, m), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if not {"ours", "two-gemms", "dense"} <= c.keys():
+            continue
+        ours, two, dense = c["ours"], c["two-gemms"], c["dense"]
+        gbs = ours["bytes"] / ours["seconds"] / 1e9
+        tflops = ours["flops"] / ours["seconds"] / 1e12
+        lines.append(
+            f"| {layer} | {m} | {ours['rank']} | {ours['seconds'] * 1e6:.1f} | {two['seconds'] * 1e6:.1f} | "
+            f"{dense['seconds'] * 1e6:.1f} | {gbs:.0f} | {tflops:.2f} | "
+            f"{two['seconds'] / ours['seconds']:.2f}× | {dense['seconds'] / ours['seconds']:.2f}× |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--out", type=Path, help="default: bench/results/kernels-<device>-<date>.md")
+    args = parser.parse_args()
+    benchmarks = json.loads(args.json.read_text())["benchmarks"]
+    if not benchmarks:
+        raise SystemExit(f"{args.json}: no benchmarks recorded (was --benchmark-enable given?)")
+    env = environment()
+    first = benchmarks[0]["extra_info"]
+    triton_used = any(b["extra_info"]["triton"] for b in benchmarks if b["extra_info"]["contender"] == "ours")
+    device_slug = re.sub(r"[^a-z0-9]+", "-", env["device"].split("(")[0].lower()).strip("-")
+    out = args.out or REPO / "bench" / "results" / f"kernels-{device_slug}-{env['date']}.md"
+    lines = [
+        f"# Low-rank GEMM on {env['device']}",
+        "",
+        "| | |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in env.items()],
+        f"| dtype | {first['dtype']} |",
+        f"| ours runs | {'the Triton kernels' if triton_used else 'the torch reference (no GPU)'} |",
+        "",
+        "Ratio 0.4 ranks; time = median per call. On CUDA each contender is a CUDA-graph replay of "
+        f"{first['inner']} calls (no Python launch overhead). GB/s counts A, B, x and y once: the decode "
+        f"(M ≤ {DECODE_ROWS}) figure to hold against HBM bandwidth; TFLOP/s is the prefill figure. "
+        "`vs` columns: their time / ours (above 1: ours is faster).",
+        "",
+        *table(benchmarks),
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
