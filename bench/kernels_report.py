@@ -35,8 +35,7 @@ def environment() -> dict[str, str]:
     cuda = torch.cuda.is_available()
     driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else ""
     return {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-                                                             f"{torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
         "driver": driver or "n/a",
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "n/a",
         "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain") else ""),
@@ -83,6 +82,7 @@ def main() -> None:
         "",
         "| | |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in env.items()],
+        f"| measured on | {first['device']} |",
         f"| dtype | {first['dtype']} |",
         f"| ours runs | {'the Triton kernels' if triton_used else 'the torch reference (no GPU)'} |",
         "",

@@ -189,15 +189,17 @@ def check_lowrank_args(
         raise ValueError(f"scale must be [r >= {r}], got scale {tuple(scale.shape)}")
     if bias is not None and bias.shape != (A.shape[0],):
         raise ValueError(f"bias must be [{A.shape[0]}] for A {tuple(A.shape)}, got bias {tuple(bias.shape)}")
-    named = {"x": x, "A": A, "B": B, "bias": bias, "scale": scale}
-    tensors = {k: v for k, v in named.items() if v is not None}
-    if len({v.device for v in tensors.values()}) > 1:
-        raise ValueError("tensors on different devices: " + ", ".join(f"{k} {tuple(v.shape)} on {v.device}"
-                                                                       for k, v in tensors.items()))
-    same_dtype = {k: v for k, v in tensors.items() if k != "scale"}  # the mask may stay fp32
-    if len({v.dtype for v in same_dtype.values()}) > 1 or not x.is_floating_point():
+    # Plain comparisons first: this runs once per linear per step, so the messages are built only on failure.
+    device, dtype = x.device, x.dtype
+    others = (A, B) if bias is None else (A, B, bias)
+    if any(t.device != device for t in others) or (scale is not None and scale.device != device):
+        tensors = {"x": x, "A": A, "B": B, "bias": bias, "scale": scale}
+        raise ValueError("tensors on different devices: " + ", ".join(
+            f"{k} {tuple(v.shape)} on {v.device}" for k, v in tensors.items() if v is not None))
+    if any(t.dtype != dtype for t in others) or not x.is_floating_point():  # the scale may stay fp32
+        tensors = {"x": x, "A": A, "B": B, "bias": bias}
         raise ValueError("x, A, B and bias must share one floating dtype: " + ", ".join(
-            f"{k} {tuple(v.shape)} {v.dtype}" for k, v in same_dtype.items()))
+            f"{k} {tuple(v.shape)} {v.dtype}" for k, v in tensors.items() if v is not None))
     return r
 
 
@@ -211,10 +213,12 @@ def lowrank_gemm_ref(
 ) -> torch.Tensor:
     """x [..., in], B [r, in], A [out, r] -> y [..., out]; only the first `rank` components used."""
     r = check_lowrank_args(x, A, B, bias, scale, rank)
-    t = x @ B[:r].T  # (..., r)
+    if r < B.shape[0]:  # slicing costs a microsecond per view: only when a limit applies
+        A, B, scale = A[:, :r], B[:r], None if scale is None else scale[:r]
+    t = x @ B.T  # (..., r)
     if scale is not None:
-        t = t * scale[:r].to(t.dtype)
-    y = t @ A[:, :r].T  # (..., out)
+        t = t * scale.to(t.dtype)
+    y = t @ A.T  # (..., out)
     return y if bias is None else y + bias
 
 
