@@ -103,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from engine import load_model
-    from engine.generate import stream_tokens
+    from engine.reference_decoding import stream_tokens
 
     path = resolve_model(args.model)
     model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)

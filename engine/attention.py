@@ -22,6 +22,11 @@ class AttentionContext:
     cu_seqlens: torch.Tensor  # int32 [batch+1], prefix sums of the sequence lengths
     seqlens: tuple[int, ...]  # the same lengths on the host: no device sync to read them
     max_seqlen: int
+    # Paged KV cache (the engine); None for a cache-free pass over whole sequences.
+    slot_mapping: torch.Tensor | None = None  # int64 [T]: cache slot (block * block_size + offset) per token
+    block_tables: torch.Tensor | None = None  # int32 [batch, max_blocks], padded with 0
+    context_lens: tuple[int, ...] | None = None  # tokens per sequence once this step's are added
+    reads_cache: bool = False  # some sequence attends to keys computed in an earlier step
 
     @classmethod
     def from_lengths(cls, lengths: list[int] | tuple[int, ...], device: torch.device | str) -> AttentionContext:

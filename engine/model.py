@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import paged_attention
+
 from .attention import AttentionContext, causal_attention
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, SwiGLU
@@ -25,12 +27,21 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, config.kv_size, config.qkv_bias)
         self.v_proj = Linear(config.hidden_size, config.kv_size, config.qkv_bias)
         self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache for this layer
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # (T, Hq, hd)
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (T, Hkv, hd)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (T, Hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.slot_mapping is not None:
+            k_cache, v_cache = self.kv_cache  # (blocks, block_size, Hkv, hd) each, set by the engine
+            k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
+            v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
+            if ctx.reads_cache:
+                out = paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.seqlens,
+                                      self.sliding_window)
+                return self.o_proj(out.flatten(-2))
         out = causal_attention(q, k, v, ctx, self.sliding_window)  # (T, Hq, hd)
         return self.o_proj(out.flatten(-2))
 

@@ -17,6 +17,7 @@ import torch
 
 from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref
 from .lowrank_gemm import lowrank_gemm as lowrank_gemm_triton
+from .paged_attention import paged_attention_ref
 
 BACKEND_ENV = "LOWRANK_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
@@ -54,4 +55,8 @@ def lowrank_gemm(
     return lowrank_gemm_ref(x, A, B, bias, scale, rank)
 
 
-__all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "uses_triton"]
+# Paged decode attention: the torch reference on every device until its Triton kernel lands.
+paged_attention = paged_attention_ref
+
+__all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
+           "paged_attention_ref", "uses_triton"]

@@ -1,0 +1,250 @@
+"""`LLM`: load a dense or compressed folder and generate, batched, over a paged KV cache.
+
+    llm = LLM("models/smollm2-135m")
+    out = llm.generate(["def fib(n):", "The capital of France is"], SamplingParams(max_tokens=32))
+    for delta in llm.stream("Once upon a time", SamplingParams(temperature=0.8, seed=1)): ...
+
+Each engine step is schedule -> run -> update (nano-vllm's shape); the scheduler owns request
+state, the runner owns tensors, and this module turns token ids into text, stop strings and
+outputs. Requests are validated before anything is scheduled, so a bad one raises `ValueError`
+and the others keep going.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .engine_config import EngineConfig
+from .kv_cache import bytes_per_block, default_budget
+from .loader import load_model
+from .outputs import CompletionOutput, RequestOutput, StreamDelta
+from .runner import ModelRunner
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+Prompt = str | list[int]
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: int
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    last_token: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLM:
+    def __init__(self, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None,
+                 ratio: float | None = None, **settings):
+        self.config = EngineConfig(**settings)
+        from transformers import AutoTokenizer
+
+        self.model = load_model(path, dtype=dtype, device=device, ratio=ratio)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        mc, bs = self.model.config, self.config.block_size
+        self.vocab_size = mc.vocab_size
+        self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.eos_token_ids = tuple(sorted({*mc.eos_token_ids, self.tokenizer.eos_token_id} - {None}))
+        per_block = bytes_per_block(self.model, bs)
+        budget = self.config.kv_cache_memory or default_budget(self.model.device)
+        num_blocks, needed = budget // per_block, -(-self.max_model_len // bs)
+        if num_blocks < needed:
+            raise ValueError(f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {bs} tokens; "
+                             f"max_model_len={self.max_model_len} needs {needed}: raise kv_cache_memory or lower "
+                             f"max_model_len")
+        print(f"KV cache: {num_blocks} blocks x {bs} tokens = {num_blocks * bs} tokens "
+              f"({num_blocks * per_block / 2**20:.0f} MiB)", file=sys.stderr)
+        self.block_manager = BlockManager(num_blocks, bs, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   self.max_model_len, self.eos_token_ids)
+        sampler = Sampler(self.eos_token_ids, self.model.device, self.config.seed)
+        self.runner = ModelRunner(self.model, num_blocks, bs, sampler)
+        self._requests: dict[int, _Request] = {}
+        self._request_ids = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt (text or ids), checked against the vocabulary and max_model_len."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        else:
+            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                             f"at most {self.max_model_len - 1} leave room for one new token")
+        return ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queue one prompt (validated first); returns its request id."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.encode(prompt)
+        return self._submit(prompt if isinstance(prompt, str) else None, ids, params)
+
+    def _submit(self, prompt: str | None, ids: list[int], params: SamplingParams) -> int:
+        request_id = next(self._request_ids)
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, list(ids), len(ids), params)
+            if params.seed is not None:
+                seq.generator = torch.Generator(self.model.device).manual_seed(params.seed + index)
+            seqs.append(seq)
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.stop) for _ in seqs]
+        self._requests[request_id] = _Request(request_id, prompt, list(ids), params, seqs, detoks)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        request = self._requests.pop(request_id, None)
+        for seq in request.seqs if request else ():
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """schedule -> run -> update; returns the sequences that got a token."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("the scheduler found nothing to run although requests are pending")
+        tokens, logprobs = self.runner.run(batch)
+        produced = self.scheduler.update(batch, tokens, logprobs)
+        now = time.perf_counter()
+        for seq in produced:
+            request = self._requests[seq.request_id]
+            request.first_token = request.first_token or now
+            request.last_token = now
+            detok = request.detokenizers[request.seqs.index(seq)]
+            detok.update(seq.output_token_ids)
+            if detok.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+        return produced
+
+    def output(self, request_id: int) -> RequestOutput:
+        r = self._requests[request_id]
+        completions = []
+        for index, (seq, detok) in enumerate(zip(r.seqs, r.detokenizers)):
+            lps = seq.logprobs if r.params.logprobs is not None else None
+            cumulative = sum(lp[t] for lp, t in zip(lps, seq.output_token_ids)) if lps is not None else None
+            completions.append(CompletionOutput(index, detok.text, seq.output_token_ids, seq.finish_reason, lps,
+                                                cumulative))
+        ttft = (r.first_token or r.submitted) - r.submitted
+        decoded = max(len(s.output_token_ids) for s in r.seqs) - 1
+        span = (r.last_token or 0) - (r.first_token or 0)
+        return RequestOutput(r.request_id, r.prompt, r.prompt_ids, completions, r.seqs[0].num_cached_tokens, ttft,
+                             decoded / span if decoded > 0 and span > 0 else 0.0)
+
+    # -- front doors ---------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every prompt (text or token ids); outputs in input order."""
+        batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        params = _per_prompt(sampling_params, len(batch))
+        encoded = [self.encode(p) for p in batch]  # every prompt checked before any is scheduled
+        ids = [self._submit(p if isinstance(p, str) else None, e, sp) for p, e, sp in zip(batch, encoded, params)]
+        return self._run_to_completion(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"}) or many, through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict]) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise ValueError("this model has no chat template: use generate() with a plain prompt")
+        if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+            raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield text/token deltas of one prompt as they are decoded (other queued requests advance too)."""
+        request_id = self.add_request(prompt, sampling_params)
+        request = self._requests[request_id]
+        sent = [0] * len(request.seqs)
+        try:
+            while True:
+                for seq in self.step() if not request.finished else []:
+                    if seq.request_id != request_id:
+                        continue
+                    i = request.seqs.index(seq)
+                    new = tuple(seq.output_token_ids[sent[i]:])
+                    sent[i] += len(new)
+                    text = request.detokenizers[i].delta(final=seq.is_finished)
+                    yield StreamDelta(i, text, new, seq.finish_reason)
+                if request.finished:
+                    return
+        finally:
+            if not request.finished:  # the caller stopped listening: free the request's blocks
+                self.abort(request_id)
+            else:
+                self._requests.pop(request_id, None)
+
+    def _run_to_completion(self, request_ids: list[int], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        with tqdm(total=len(request_ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while pending:
+                self.step()
+                done = {i for i in pending if self._requests[i].finished}
+                pending -= done
+                bar.update(len(done))
+        outputs = [self.output(i) for i in request_ids]
+        for i in request_ids:
+            del self._requests[i]
+        return outputs
+
+
+def _is_token_list(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(t, int) for t in prompt)
+
+
+def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts: pass one, or one per prompt")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(p).__name__}")
+    return params
+
+
+def generate(model: str | Path, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | None = None,
+             **llm_settings) -> list[RequestOutput]:
+    """One-liner: load `model` and complete `prompts`."""
+    return LLM(model, **llm_settings).generate(prompts, sampling_params)
