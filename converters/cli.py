@@ -100,31 +100,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
-    from engine import load_model
-    from engine.reference_decoding import stream_tokens
+    from engine import LLM, SamplingParams
 
     path = resolve_model(args.model)
-    model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if args.chat:
-        if tokenizer.chat_template is None:
-            raise UsageError(f"{path} has no chat template; drop --chat")
-        messages = [{"role": "user", "content": args.prompt}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        prompt = args.prompt
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    stop_ids = tuple({*model.config.eos_token_ids, tokenizer.eos_token_id} - {None})
-    out_ids, shown = [], ""
-    for token in stream_tokens(model, prompt_ids, args.max_tokens, args.temperature, args.seed, stop_ids):
-        if token in stop_ids:
-            break
-        out_ids.append(token)
-        text = tokenizer.decode(out_ids, skip_special_tokens=True)
-        print(text[len(shown) :], end="", flush=True)
-        shown = text
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    llm = LLM(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    for delta in llm.stream(prompt, params):
+        print(delta.text, end="", flush=True)
     print()
 
 
@@ -168,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, help="seed for sampling: same seed, same text")
     _add_model_options(p)
     p.set_defaults(run=cmd_generate)
     return parser
