@@ -10,37 +10,14 @@ records device, driver, versions and commit, so a figure can always be traced to
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import re
-import subprocess
+import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import REPO, device_slug, environment, header  # noqa: E402
+
 DECODE_ROWS = 16
-
-
-def _run(*cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
-def environment() -> dict[str, str]:
-    import torch
-    import triton
-
-    cuda = torch.cuda.is_available()
-    driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else ""
-    return {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()})",
-        "driver": driver or "n/a",
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "n/a",
-        "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain") else ""),
-        "date": datetime.date.today().isoformat(),
-    }
 
 
 def table(benchmarks: list[dict]) -> list[str]:
@@ -75,17 +52,11 @@ def main() -> None:
     env = environment()
     first = benchmarks[0]["extra_info"]
     triton_used = any(b["extra_info"]["triton"] for b in benchmarks if b["extra_info"]["contender"] == "ours")
-    device_slug = re.sub(r"[^a-z0-9]+", "-", env["device"].split("(")[0].lower()).strip("-")
-    out = args.out or REPO / "bench" / "results" / f"kernels-{device_slug}-{env['date']}.md"
+    out = args.out or REPO / "bench" / "results" / f"kernels-{device_slug(env)}-{env['date']}.md"
     lines = [
-        f"# Low-rank GEMM on {env['device']}",
-        "",
-        "| | |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in env.items()],
-        f"| measured on | {first['device']} |",
-        f"| dtype | {first['dtype']} |",
-        f"| ours runs | {'the Triton kernels' if triton_used else 'the torch reference (no GPU)'} |",
-        "",
+        *header(f"Low-rank GEMM on {env['device']}", env, {
+            "measured on": first["device"], "dtype": first["dtype"],
+            "ours runs": "the Triton kernels" if triton_used else "the torch reference (no GPU)"}),
         "Ratio 0.4 ranks; time = median per call. On CUDA each contender is a CUDA-graph replay of "
         f"{first['inner']} calls (no Python launch overhead). GB/s counts A, B, x and y once: the decode "
         f"(M ≤ {DECODE_ROWS}) figure to hold against HBM bandwidth; TFLOP/s is the prefill figure. "

@@ -1,7 +1,8 @@
 """Triton kernels, each beside its plain-torch reference; imports only torch and triton.
 
-`lowrank_gemm` is the one entry point callers use (the engine's `LowRankLinear`, the SoCo
-trainer). The backend is chosen once, at import, from `LOWRANK_KERNELS`:
+`lowrank_gemm` (the engine's `LowRankLinear`, the SoCo trainer) and `paged_attention` (the
+engine's attention over its paged KV cache) are the entry points callers use. The backend is
+chosen once, at import, from `LOWRANK_KERNELS`:
 
 - `auto` (default): Triton for CUDA tensors, and for CPU tensors when `TRITON_INTERPRET=1`
   (how CI checks the kernels); the torch reference otherwise (CPU, and float64 anywhere).
@@ -17,7 +18,7 @@ import torch
 
 from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref
 from .lowrank_gemm import lowrank_gemm as lowrank_gemm_triton
-from .paged_attention import paged_attention_ref
+from .paged_attention import paged_attention_ref, paged_decode_attention, paged_decode_supported
 
 BACKEND_ENV = "LOWRANK_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
@@ -55,8 +56,20 @@ def lowrank_gemm(
     return lowrank_gemm_ref(x, A, B, bias, scale, rank)
 
 
-# Paged decode attention: the torch reference on every device until its Triton kernel lands.
-paged_attention = paged_attention_ref
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: tuple[int, ...],
+    query_lens: tuple[int, ...],
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """New queries [T, Hq, D] over the paged cache: the Triton kernel for decode steps, else the reference."""
+    if uses_triton(q) and all(n == 1 for n in query_lens) and paged_decode_supported(q, k_cache):
+        lens = torch.tensor(context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, lens, sliding_window)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_lens, sliding_window)
 
 __all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
-           "paged_attention_ref", "uses_triton"]
+           "paged_attention_ref", "paged_decode_attention", "uses_triton"]

@@ -7,12 +7,17 @@ t of sequence i sits at position context_lens[i] - query_lens[i] + t and sees ke
 
 `paged_attention_ref` is the plain-torch reference and CPU path: decoding sequences (one query
 each) are gathered into one padded, masked SDPA call; longer queries go one sequence at a time.
+`paged_decode_attention` is the Triton kernel for decode steps (one query per sequence).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -58,7 +63,10 @@ def paged_attention_ref(
         table = block_tables[torch.tensor(decoding, device=q.device)]
         k, v = _gather(k_cache, table, longest), _gather(v_cache, table, longest)  # (B, L, Hkv, D)
         key_pos = torch.arange(longest, device=q.device)
-        mask = _visible((lens - 1)[:, None], key_pos, sliding_window) & (key_pos < lens[:, None])[:, None]
+        in_context = key_pos < lens[:, None]  # (B, L): shorter sequences' padding holds stale slots
+        stale = ~in_context[:, :, None, None]  # SDPA adds -inf to masked scores and weighs V by 0: NaN survives both
+        k, v = k.masked_fill(stale, 0), v.masked_fill(stale, 0)
+        mask = _visible((lens - 1)[:, None], key_pos, sliding_window) & in_context[:, None]
         out[rows] = _sdpa(q[rows][:, None], k, v, mask)[:, 0]
     for i, n in enumerate(query_lens):
         if n == 1:
@@ -68,4 +76,101 @@ def paged_attention_ref(
         key_pos = torch.arange(length, device=q.device)
         mask = _visible(key_pos[length - n:], key_pos, sliding_window)
         out[starts[i]:starts[i + 1]] = _sdpa(q[starts[i]:starts[i + 1]][None], k[None], v[None], mask[None])[0]
+    return out
+
+
+# -- Triton: decode (one query per sequence) -----------------------------------------------------
+# One program per (sequence, KV head) holds the group's query heads as the rows of a `tl.dot`
+# (vLLM's grouped decode layout), walks the sequence's keys BLOCK_N at a time through its block
+# table with an online softmax, and writes the group's outputs once.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK_N = 64  # keys per iteration (several cache blocks)
+MIN_ROWS = 16  # tl.dot needs 16 rows: the group's query heads are padded up to it
+NO_WINDOW = 1 << 30  # "no sliding window": a window longer than any context
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr,
+    stride_qt, stride_qh, stride_slot, stride_kh, stride_tb, stride_ot, stride_oh,
+    scale, window,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq, kv_head = tl.program_id(0), tl.program_id(1)
+    length = tl.load(lens_ptr + seq)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + offs_g
+    in_group = offs_g < GROUP
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=in_group[:, None], other=0.0)  # (GROUP_PAD, HEAD_DIM)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
+    first = tl.maximum(length - window, 0)  # the query at length-1 sees keys j > length-1-window
+    for start in range((first // BLOCK_N) * BLOCK_N, length, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        valid = (offs_n < length) & (offs_n >= first)
+        block = tl.load(tables_ptr + seq * stride_tb + offs_n // BLOCK_SIZE, mask=offs_n < length, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+        kv_offs = slot[:, None] * stride_slot + kv_head * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptr + kv_offs, mask=valid[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(v_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))  # (GROUP_PAD, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+
+
+def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Shapes the kernel takes: power-of-two head_dim >= 16, contiguous cache, whole head groups."""
+    head_dim = q.shape[-1]
+    return (head_dim >= 16 and head_dim & (head_dim - 1) == 0 and k_cache.is_contiguous()
+            and q.shape[1] % k_cache.shape[2] == 0 and q.stride(-1) == 1)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, D] (one new token per sequence), context_lens int32 [B] on q's device -> [B, Hq, D]."""
+    if not paged_decode_supported(q, k_cache) or k_cache.shape != v_cache.shape or not v_cache.is_contiguous():
+        raise ValueError(f"paged decode takes q [B, Hq, D] with D a power of two >= 16 and contiguous caches "
+                         f"[blocks, block_size, Hkv, D]; got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    upcast = INTERPRET and q.dtype == torch.bfloat16
+    _paged_decode_kernel[(batch, num_kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        head_dim ** -0.5, sliding_window or NO_WINDOW,
+        GROUP=group, GROUP_PAD=max(MIN_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, UPCAST=upcast, IEEE=upcast or q.dtype == torch.float32,
+    )
     return out

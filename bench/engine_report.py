@@ -1,0 +1,66 @@
+"""Turn a `bench/test_engine.py` pytest-benchmark JSON into bench/results/engine-<device>.md.
+
+    .venv/bin/python bench/engine_report.py engine.json [--out FILE]
+
+Per batch size: output tokens/s of each contender (batch × new tokens / median wall time of a
+whole `generate`), time to first token (a 1-token generate of the same batch), and the ratios
+the targets are stated in: ours vs transformers, compressed vs dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import REPO, device_slug, environment, header  # noqa: E402
+
+
+def table(benchmarks: list[dict]) -> list[str]:
+    cells: dict[int, dict[str, dict]] = {}
+    for b in benchmarks:
+        info = b["extra_info"]
+        tok_s = info["batch"] * info["new_tokens"] / b["stats"]["median"]
+        cells.setdefault(info["batch"], {})[info["contender"]] = info | {"tok_s": tok_s}
+    lines = ["| batch | contender | output tok/s | TTFT ms | vs transformers | vs ours-dense |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for batch in sorted(cells):
+        row = cells[batch]
+        hf, dense = row.get("hf-dense"), row.get("ours-dense")
+        for name, c in sorted(row.items()):
+            vs_hf = f"{c['tok_s'] / hf['tok_s']:.2f}×" if hf else "n/a"
+            vs_dense = f"{c['tok_s'] / dense['tok_s']:.2f}×" if dense else "n/a"
+            lines.append(f"| {batch} | {name} | {c['tok_s']:.1f} | {c['ttft_s'] * 1e3:.0f} | {vs_hf} | {vs_dense} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--out", type=Path, help="default: bench/results/engine-<device>.md")
+    args = parser.parse_args()
+    benchmarks = json.loads(args.json.read_text())["benchmarks"]
+    if not benchmarks:
+        raise SystemExit(f"{args.json}: no benchmarks recorded (was --benchmark-enable given?)")
+    env = environment()
+    first = benchmarks[0]["extra_info"]
+    out = args.out or REPO / "bench" / "results" / f"engine-{device_slug(env)}.md"
+    lines = [
+        *header(f"Generation engine on {env['device']}", env, {
+            "measured on": first["device"], "dtype": first["dtype"],
+            "workload": f"{first['prompt_len']}-token prompts, {first['new_tokens']} new tokens each, greedy, EOS ignored"}),
+        "SmolLM2-135M-Instruct: ours on the dense folder and on its SoCo 0.4 compression, transformers "
+        "`generate` on the dense one, timed in the same run (median of the rounds).",
+        "",
+        *table(benchmarks),
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

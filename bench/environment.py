@@ -1,0 +1,43 @@
+"""Where a benchmark ran: device, driver, versions, commit, date; the header of every results file."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def environment() -> dict[str, str]:
+    import torch
+    import triton
+
+    cuda = torch.cuda.is_available()
+    driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else ""
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "driver": driver or "n/a",
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "n/a",
+        "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain") else ""),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def device_slug(env: dict[str, str]) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'; any CPU -> 'cpu'."""
+    return re.sub(r"[^a-z0-9]+", "-", env["device"].split("(")[0].lower()).strip("-")
+
+
+def header(title: str, env: dict[str, str], extra: dict[str, str] | None = None) -> list[str]:
+    rows = env | (extra or {})
+    return [f"# {title}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows.items()], ""]
