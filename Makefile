@@ -24,11 +24,18 @@ test: $(STAMP)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
 
+# Pull, compress with SoCo at 0.3 (a short CPU budget: ~3 min), compare perplexity on the first
+# 100k characters of valid.txt, then chat with both models through the engine.
+COMPRESSED := models/$(MODEL)-soco-0.3
+PROMPT := "Write a Python function that returns the n-th Fibonacci number."
 demo: $(STAMP)
 	$(BIN)/lowrank pull $(MODEL)
-	$(BIN)/lowrank generate $(MODEL) --chat --max-tokens 96 \
-		"Write a Python function that returns the n-th Fibonacci number."
-	$(BIN)/lowrank eval $(MODEL)
+	$(BIN)/lowrank compress $(MODEL) --ratio 0.3 --method soco --samples 32 --seq-len 256 --steps 80 \
+		--out $(COMPRESSED) --force
+	$(BIN)/lowrank eval $(MODEL) --max-chars 100000
+	$(BIN)/lowrank eval $(COMPRESSED) --max-chars 100000
+	$(BIN)/lowrank generate $(MODEL) --chat --max-tokens 96 $(PROMPT)
+	$(BIN)/lowrank generate $(COMPRESSED) --chat --max-tokens 96 $(PROMPT)
 
 clean-venv:
 	rm -rf $(VENV)
