@@ -73,7 +73,8 @@ def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
         ordered = ordered.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
         probs = ordered.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # the first token always stays
-        ordered = ordered.masked_fill(mass_before >= p[:, None], float("-inf"))
+        # Rows with top_p = 1 are skipped outright: float32 mass can round to 1 before the tail ends.
+        ordered = ordered.masked_fill((mass_before >= p[:, None]) & (p[:, None] < 1), float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, ordered)
     if any(m > 0 for m in min_p):
         m = torch.tensor(min_p, device=device)
