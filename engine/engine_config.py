@@ -14,6 +14,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per cache block
     enable_prefix_caching: bool = True
     seed: int = 0  # the RNG of requests that bring no seed of their own
+    cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured per batch size
 
     def __post_init__(self) -> None:
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size"]

@@ -79,7 +79,8 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids)
         sampler = Sampler(self.eos_token_ids, self.model.device, self.config.seed)
-        self.runner = ModelRunner(self.model, num_blocks, bs, sampler)
+        self.runner = ModelRunner(self.model, num_blocks, bs, sampler, self.config.max_num_seqs, needed,
+                                  self.config.cuda_graphs)
         self._requests: dict[int, _Request] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()

@@ -40,7 +40,7 @@ class Attention(nn.Module):
             v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
             if ctx.reads_cache:
                 out = paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.seqlens,
-                                      self.sliding_window)
+                                      self.sliding_window, ctx.context_lens_tensor)
                 return self.o_proj(out.flatten(-2))
         out = causal_attention(q, k, v, ctx, self.sliding_window)  # (T, Hq, hd)
         return self.o_proj(out.flatten(-2))

@@ -61,15 +61,28 @@ def paged_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    context_lens: tuple[int, ...],
+    context_lens: tuple[int, ...] | None,
     query_lens: tuple[int, ...],
     sliding_window: int | None = None,
+    context_lens_tensor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """New queries [T, Hq, D] over the paged cache: the Triton kernel for decode steps, else the reference."""
-    if uses_triton(q) and all(n == 1 for n in query_lens) and paged_decode_supported(q, k_cache):
-        lens = torch.tensor(context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
+    """New queries [T, Hq, D] over the paged cache: the Triton kernel for decode steps, else the reference.
+
+    `context_lens` on the host, or `context_lens_tensor` on the device (what a captured CUDA graph reads).
+    """
+    if decode_kernel_applies(q, k_cache, query_lens):
+        lens = context_lens_tensor
+        if lens is None:
+            lens = torch.tensor(context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, lens, sliding_window)
+    if context_lens is None:
+        raise ValueError("the reference paged attention needs context_lens on the host")
     return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_lens, sliding_window)
 
+
+def decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor, query_lens: tuple[int, ...]) -> bool:
+    """Whether a step with these queries runs the Triton decode kernel (one query per sequence)."""
+    return uses_triton(q) and all(n == 1 for n in query_lens) and paged_decode_supported(q, k_cache)
+
 __all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
-           "paged_attention_ref", "paged_decode_attention", "uses_triton"]
+           "paged_attention_ref", "paged_decode_attention", "decode_kernel_applies", "uses_triton"]

@@ -77,20 +77,48 @@ def test_dispatch_sends_decode_steps_to_the_kernel(monkeypatch):
     assert len(calls) == 1
 
 
-def test_engine_on_the_kernels_matches_the_torch_path(tmp_path, monkeypatch, real_model_dir):
-    """The whole engine on a tiny model: decode attention through the (interpreted) Triton kernel."""
-    from engine import LLM, SamplingParams
+PROMPTS = [[1, 5, 9, 13, 2], [7] * 19, [3, 4]]  # ragged; 3 sequences run in a graph slot of 4
+GREEDY = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
 
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, real_model_dir):
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     save_tiny_model(config, tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do: prompts come as ids
         shutil.copy(real_model_dir / name, tmp_path / name)
-    prompts = [[1, 5, 9, 13, 2], [7] * 19, [3, 4]]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    return tmp_path
+
+
+def _greedy_tokens(llm) -> list[list[int]]:
+    from engine import SamplingParams
+
+    return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)]
+
+
+def test_engine_on_the_kernels_matches_the_torch_path(tiny_model_dir, monkeypatch):
+    """The whole engine on a tiny model: decode attention through the (interpreted) Triton kernel."""
+    from engine import LLM
+
     tokens = {}
     for backend in ("auto", "torch"):
         monkeypatch.setattr(kernels, "BACKEND", backend)
-        llm = LLM(tmp_path, dtype="float32", device=DEVICE, kv_cache_memory=1 << 20)
-        tokens[backend] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        tokens[backend] = _greedy_tokens(LLM(tiny_model_dir, dtype="float32", device=DEVICE, kv_cache_memory=1 << 20))
     assert tokens["auto"] == tokens["torch"]
+
+
+def test_static_decode_path_of_the_cuda_graphs_gives_the_same_tokens(tiny_model_dir):
+    """The graph path's static buffers, padded rows and scratch block, run eagerly (no capture on CPU)."""
+    from engine import LLM
+
+    settings = dict(dtype="float32", device=DEVICE, kv_cache_memory=1 << 20, max_num_seqs=8)
+    expected = _greedy_tokens(LLM(tiny_model_dir, cuda_graphs=False, **settings))
+    static = LLM(tiny_model_dir, **settings)
+    if static.runner.graphs is None:  # CPU: no capture, the same static path run eagerly
+        static.runner.use_static_decode()
+    steps = []
+    run = static.runner.graphs.run
+    static.runner.graphs.run = lambda *args: steps.append(len(args[0])) or run(*args)
+    assert _greedy_tokens(static) == expected
+    assert steps and 3 in steps  # decode steps went through the static path, with a padded row
