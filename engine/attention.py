@@ -3,7 +3,8 @@
 Sequences are packed without padding (q/k/v are [total_tokens, heads, head_dim]) and delimited
 by `cu_seqlens` [batch+1], as flash-attn's varlen API takes them. flash-attn is used when it is
 installed and the tensors are on CUDA (imported lazily, chosen once); otherwise torch's
-scaled_dot_product_attention, which runs everywhere.
+scaled_dot_product_attention, which runs everywhere. Queries that read the engine's paged KV
+cache go through `cached_attention` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels import paged_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +42,37 @@ class AttentionContext:
 
 
 @functools.cache
-def _flash_attn_varlen():
+def _flash_attn(name: str):
+    """flash-attn's `name` function, or None when flash-attn is not installed (checked once)."""
     try:
-        from flash_attn import flash_attn_varlen_func
+        import flash_attn
     except ImportError:
         return None
-    return flash_attn_varlen_func
+    return getattr(flash_attn, name, None)
+
+
+FLASH_PAGE_MULTIPLE = 256  # flash-attn's paged KV cache takes pages of a multiple of 256 tokens
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """New queries [T, Hq, D] over the paged cache (their own K/V already written there) -> [T, Hq, D].
+
+    flash-attn's paged decode when installed, on CUDA, with pages it accepts; otherwise
+    `kernels.paged_attention` (the Triton decode kernel or the torch reference).
+    """
+    flash = _flash_attn("flash_attn_with_kvcache") if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    decoding = ctx.max_seqlen == 1
+    if flash is not None and decoding and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
+        lens = ctx.context_lens_tensor
+        if lens is None:
+            lens = torch.tensor(ctx.context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
+        window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
+        out = flash(q[:, None], k_cache, v_cache, cache_seqlens=lens, block_table=ctx.block_tables, causal=True,
+                    window_size=window)
+        return out[:, 0]
+    return paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.seqlens, sliding_window,
+                           ctx.context_lens_tensor)
 
 
 def causal_attention(
@@ -52,7 +80,7 @@ def causal_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]. GQA by head groups; token i of a sequence sees
     tokens j <= i of the same sequence with i - j < sliding_window (when set)."""
-    flash = _flash_attn_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    flash = _flash_attn("flash_attn_varlen_func") if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if flash is not None:
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
         return flash(

@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import paged_attention
-
-from .attention import AttentionContext, causal_attention
+from .attention import AttentionContext, cached_attention, causal_attention
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, SwiGLU
 from .rope import RotaryEmbedding, apply_rope
@@ -39,8 +37,7 @@ class Attention(nn.Module):
             k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
             v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
             if ctx.reads_cache:
-                out = paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.seqlens,
-                                      self.sliding_window, ctx.context_lens_tensor)
+                out = cached_attention(q, k_cache, v_cache, ctx, self.sliding_window)
                 return self.o_proj(out.flatten(-2))
         out = causal_attention(q, k, v, ctx, self.sliding_window)  # (T, Hq, hd)
         return self.o_proj(out.flatten(-2))
