@@ -46,6 +46,16 @@ def save_tiny_model(config, folder: Path) -> torch.nn.Module:
     return model
 
 
+def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer ("t0 t1 ..." <-> ids) beside a tiny model, so the engine can load it offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", unk_token="t0").save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """The real SmolLM2 folder, pulled once into the repo's models/ (git-ignored) and reused."""

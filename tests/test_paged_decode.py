@@ -1,13 +1,11 @@
 """The Triton paged decode attention kernel against the float64 reference, and the engine on it."""
 
-import shutil
-
 import pytest
 import torch
 from transformers import LlamaConfig
 
 import kernels
-from conftest import save_tiny_model
+from conftest import save_tiny_model, save_tiny_tokenizer
 from kernels.paged_attention import paged_attention_ref, paged_decode_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,12 +80,11 @@ GREEDY = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
 
 
 @pytest.fixture
-def tiny_model_dir(tmp_path, real_model_dir):
+def tiny_model_dir(tmp_path):
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     save_tiny_model(config, tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do: prompts come as ids
-        shutil.copy(real_model_dir / name, tmp_path / name)
+    save_tiny_tokenizer(tmp_path, config.vocab_size)
     return tmp_path
 
 
