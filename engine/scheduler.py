@@ -70,9 +70,13 @@ class Scheduler:
             counts.append(n)
             budget -= n
         # Admit only when nothing had to be preempted: otherwise the newcomer would be evicted next.
+        held: list[Sequence] = []  # n > 1 siblings waiting for their prompt: they do not block others
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if self._sibling_prefilling(seq) or not bm.can_allocate(seq):
+            if self._sibling_prefilling(seq):
+                held.append(self.waiting.popleft())
+                continue
+            if not bm.can_allocate(seq):
                 break
             bm.allocate(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -82,6 +86,7 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(held))
         samples = tuple(s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts))
         return Batch(tuple(seqs), tuple(counts), samples)
 

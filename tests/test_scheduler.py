@@ -558,3 +558,18 @@ def test_sequence_views_split_prompt_and_output():
     seq.token_ids += [7, 8]
     assert seq.num_tokens == 5 and seq.output_token_ids == [7, 8] and seq.num_output_tokens == 2
     assert seq.status is SequenceStatus.WAITING and not seq.is_finished
+
+
+def test_a_sibling_waiting_for_its_prompt_does_not_block_the_requests_behind_it():
+    sched = make_scheduler(block_size=4)
+    model = FakeModel(sched.block_manager)
+    first, second = (make_seq(i, prompt(9), request_id=7, n=2, max_tokens=4) for i in range(2))
+    later = make_seq(2, prompt(5, start=300), request_id=8, max_tokens=4)
+    for seq in (first, second, later):
+        sched.add(seq)
+    batch, _ = step(sched, model)
+    assert list(batch.seqs) == [first, later]  # the sibling waits; the next request does not
+    assert list(sched.waiting) == [second]  # and it keeps its place at the head
+    run_to_end(sched, model)
+    assert first.output_token_ids == second.output_token_ids
+    assert_all_released(sched)
