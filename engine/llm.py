@@ -16,7 +16,7 @@ import itertools
 import sys
 import time
 from collections.abc import Iterator, Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -57,6 +57,9 @@ class _Request:
 class LLM:
     def __init__(self, path: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None,
                  ratio: float | None = None, **settings):
+        known = {f.name for f in fields(EngineConfig)}
+        if unknown := sorted(set(settings) - known):
+            raise ValueError(f"unknown engine setting(s) {unknown}; known: {', '.join(sorted(known))}")
         self.config = EngineConfig(**settings)
         from transformers import AutoTokenizer
 

@@ -194,6 +194,11 @@ def test_invalid_sampling_values_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_unknown_engine_setting_is_named(real_model_dir):
+    with pytest.raises(ValueError, match="unknown engine setting.*max_batch"):
+        LLM(real_model_dir, max_batch=4)
+
+
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(ValueError, match="not a model folder|config.json"):
         LLM(tmp_path)
