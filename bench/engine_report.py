@@ -9,13 +9,11 @@ the targets are stated in: ours vs transformers, compressed vs dense.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import REPO, device_slug, environment, header  # noqa: E402
+from environment import header, read_benchmarks, write_report  # noqa: E402
 
 
 def table(benchmarks: list[dict]) -> list[str]:
@@ -37,16 +35,8 @@ def table(benchmarks: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
-    parser.add_argument("--out", type=Path, help="default: bench/results/engine-<device>.md")
-    args = parser.parse_args()
-    benchmarks = json.loads(args.json.read_text())["benchmarks"]
-    if not benchmarks:
-        raise SystemExit(f"{args.json}: no benchmarks recorded (was --benchmark-enable given?)")
-    env = environment()
+    benchmarks, env, out = read_benchmarks(__doc__.splitlines()[0], "engine-{device}.md")
     first = benchmarks[0]["extra_info"]
-    out = args.out or REPO / "bench" / "results" / f"engine-{device_slug(env)}.md"
     lines = [
         *header(f"Generation engine on {env['device']}", env, {
             "measured on": first["device"], "dtype": first["dtype"],
@@ -57,9 +47,7 @@ def main() -> None:
         *table(benchmarks),
         "",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print(out)
+    write_report(out, lines)
 
 
 if __name__ == "__main__":

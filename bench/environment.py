@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import platform
 import re
 import subprocess
@@ -41,3 +43,26 @@ def device_slug(env: dict[str, str]) -> str:
 def header(title: str, env: dict[str, str], extra: dict[str, str] | None = None) -> list[str]:
     rows = env | (extra or {})
     return [f"# {title}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows.items()], ""]
+
+
+def read_benchmarks(description: str, default_out: str) -> tuple[list[dict], dict[str, str], Path]:
+    """CLI of the report scripts: a pytest-benchmark JSON in, (benchmarks, environment, output path) out.
+
+    `default_out` may use {device} and {date}.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--out", type=Path, help=f"default: bench/results/{default_out}")
+    args = parser.parse_args()
+    benchmarks = json.loads(args.json.read_text())["benchmarks"]
+    if not benchmarks:
+        raise SystemExit(f"{args.json}: no benchmarks recorded (was --benchmark-enable given?)")
+    env = environment()
+    out = args.out or REPO / "bench" / "results" / default_out.format(device=device_slug(env), date=env["date"])
+    return benchmarks, env, out
+
+
+def write_report(out: Path, lines: list[str]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(out)

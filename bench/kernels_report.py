@@ -9,13 +9,11 @@ records device, driver, versions and commit, so a figure can always be traced to
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import REPO, device_slug, environment, header  # noqa: E402
+from environment import header, read_benchmarks, write_report  # noqa: E402
 
 DECODE_ROWS = 16
 
@@ -42,17 +40,9 @@ def table(benchmarks: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path)
-    parser.add_argument("--out", type=Path, help="default: bench/results/kernels-<device>-<date>.md")
-    args = parser.parse_args()
-    benchmarks = json.loads(args.json.read_text())["benchmarks"]
-    if not benchmarks:
-        raise SystemExit(f"{args.json}: no benchmarks recorded (was --benchmark-enable given?)")
-    env = environment()
+    benchmarks, env, out = read_benchmarks(__doc__.splitlines()[0], "kernels-{device}-{date}.md")
     first = benchmarks[0]["extra_info"]
     triton_used = any(b["extra_info"]["triton"] for b in benchmarks if b["extra_info"]["contender"] == "ours")
-    out = args.out or REPO / "bench" / "results" / f"kernels-{device_slug(env)}-{env['date']}.md"
     lines = [
         *header(f"Low-rank GEMM on {env['device']}", env, {
             "measured on": first["device"], "dtype": first["dtype"],
@@ -65,9 +55,7 @@ def main() -> None:
         *table(benchmarks),
         "",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print(out)
+    write_report(out, lines)
 
 
 if __name__ == "__main__":
