@@ -48,6 +48,7 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
+    sent: list[int] = field(default_factory=list)  # output tokens already handed out as deltas, per completion
 
     @property
     def finished(self) -> bool:
@@ -124,7 +125,8 @@ class LLM:
                 seq.generator = torch.Generator(self.model.device).manual_seed(params.seed + index)
             seqs.append(seq)
         detoks = [IncrementalDetokenizer(self.tokenizer, params.stop) for _ in seqs]
-        self._requests[request_id] = _Request(request_id, prompt, list(ids), params, seqs, detoks)
+        self._requests[request_id] = _Request(request_id, prompt, list(ids), params, seqs, detoks,
+                                              sent=[0] * len(seqs))
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
@@ -199,24 +201,39 @@ class LLM:
         """Yield text/token deltas of one prompt as they are decoded (other queued requests advance too)."""
         request_id = self.add_request(prompt, sampling_params)
         request = self._requests[request_id]
-        sent = [0] * len(request.seqs)
         try:
-            while True:
-                for seq in self.step() if not request.finished else []:
-                    if seq.request_id != request_id:
-                        continue
-                    i = request.seqs.index(seq)
-                    new = tuple(seq.output_token_ids[sent[i]:])
-                    sent[i] += len(new)
-                    text = request.detokenizers[i].delta(final=seq.is_finished)
-                    yield StreamDelta(i, text, new, seq.finish_reason)
-                if request.finished:
-                    return
+            while not request.finished:
+                for owner, delta in self.step_deltas():
+                    if owner == request_id:
+                        yield delta
         finally:
             if not request.finished:  # the caller stopped listening: free the request's blocks
                 self.abort(request_id)
             else:
                 self._requests.pop(request_id, None)
+
+    def step_deltas(self) -> list[tuple[int, StreamDelta]]:
+        """One step; then (request id, what is new) for every completion that advanced."""
+        deltas = []
+        for seq in self.step():
+            request = self._requests[seq.request_id]
+            i = request.seqs.index(seq)
+            start = request.sent[i]
+            request.sent[i] = seq.num_output_tokens
+            logprobs = tuple(seq.logprobs[start:]) if request.params.logprobs is not None else None
+            text = request.detokenizers[i].delta(final=seq.is_finished)
+            deltas.append((seq.request_id, StreamDelta(i, text, tuple(seq.output_token_ids[start:]),
+                                                       seq.finish_reason, logprobs)))
+        return deltas
+
+    def is_finished(self, request_id: int) -> bool:
+        return self._requests[request_id].finished
+
+    def pop_output(self, request_id: int) -> RequestOutput:
+        """The finished request's output; the engine forgets the request."""
+        output = self.output(request_id)
+        del self._requests[request_id]
+        return output
 
     def _run_to_completion(self, request_ids: list[int], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(request_ids)
@@ -226,10 +243,7 @@ class LLM:
                 done = {i for i in pending if self._requests[i].finished}
                 pending -= done
                 bar.update(len(done))
-        outputs = [self.output(i) for i in request_ids]
-        for i in request_ids:
-            del self._requests[i]
-        return outputs
+        return [self.pop_output(i) for i in request_ids]
 
 
 def _is_token_list(prompt) -> bool:

@@ -44,3 +44,4 @@ class StreamDelta:
     text: str  # new text since the previous delta (may be empty while a stop string is undecided)
     token_ids: tuple[int, ...]  # new token ids
     finish_reason: str | None  # set on the completion's last delta
+    logprobs: tuple[dict[int, float], ...] | None = None  # one per new token, when the request asked
