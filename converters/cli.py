@@ -112,6 +112,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from engine.server import serve
+
+    given = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+             "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory}
+    settings = {k: v for k, v in given.items() if v is not None}
+    if args.no_prefix_caching:
+        settings["enable_prefix_caching"] = False
+    serve(resolve_model(args.model), host=args.host, port=args.port, served_model_name=args.served_model_name,
+          api_key=args.api_key, dtype=args.dtype, device=args.device, ratio=args.ratio, **settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for sampling: same seed, same text")
     _add_model_options(p)
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", help="model folder, or a pulled model's name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the name clients pass as `model` (default: the folder's name)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-num-seqs", type=int, help="sequences batched together at most (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (default 2048)")
+    p.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's limit)")
+    p.add_argument("--kv-cache-memory", type=int, help="bytes for the KV cache (default 1 GiB on CPU)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    _add_model_options(p)
+    p.set_defaults(run=cmd_serve)
     return parser
 
 

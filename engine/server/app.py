@@ -1,0 +1,320 @@
+"""The OpenAI-compatible HTTP API over one `AsyncEngine`: models, completions, chat, health, metrics.
+
+Handlers tokenize with the server's own tokenizer (the engine thread keeps its own: fast
+tokenizers are not safe to share across threads), check lengths and sampling values, then
+stream the engine's events back as JSON or server-sent events. Every failure is answered in
+OpenAI's error shape with the right status; a client that disconnects aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .async_engine import AsyncEngine, Event
+from .protocol import APIError, ChatRequest, CompletionRequest
+
+MAX_BODY_BYTES = 8 << 20
+
+
+def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_len: int,
+              api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if not engine.alive:
+            engine.start()
+        yield
+        engine.shutdown()  # after uvicorn has drained the open responses
+
+    app = FastAPI(title="lowrank-engine", lifespan=lifespan)
+    api = _Handlers(engine, tokenizer, served_model_name, max_model_len)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        return JSONResponse(_validation_error(exc).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception):
+        traceback.print_exception(exc, file=sys.stderr)  # the operator sees it; the client never does
+        return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            error = APIError(413, f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+            return JSONResponse(error.body(), status_code=413)
+        return await call_next(request)
+
+    async def authorized(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": api.created,
+                                            "owned_by": "lowrank-engine", "max_model_len": max_model_len}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, request: Request):
+        return await api.completions(body, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat(body: ChatRequest, request: Request):
+        return await api.chat(body, request)
+
+    return app
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """FastAPI's 422 as OpenAI's 400: `param` names the field, the message quotes the value."""
+    error = exc.errors()[0]
+    if error.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    got = f" (got {error['input']!r})" if "input" in error and loc else ""
+    return APIError(400, f"{param or 'body'}: {error['msg']}{got}", param=param)
+
+
+class _Handlers:
+    def __init__(self, engine: AsyncEngine, tokenizer, served_model_name: str, max_model_len: int):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.name, self.max_model_len = served_model_name, max_model_len
+        self.created = int(time.time())
+
+    # -- shared steps --------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`", "model")
+
+    def _check_length(self, ids: list[int], max_tokens: int | None, param: str) -> int:
+        """max_tokens to use; a prompt that leaves no room is a 400 quoting both lengths."""
+        if not ids:
+            raise APIError(400, "the prompt is empty: at least one token is needed", param)
+        room = self.max_model_len - len(ids)
+        if max_tokens is None:
+            max_tokens = room
+        if room < 1 or max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                                f"requested {len(ids) + max(max_tokens, 1)} tokens ({len(ids)} in the prompt, "
+                                f"{max(max_tokens, 1)} for the completion). Reduce the prompt or max_tokens.", param)
+        return max_tokens
+
+    async def _run(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[tuple[int, Event]]:
+        """Events of every prompt's request, interleaved as they come; leaving early aborts them all."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, ids: list[int]) -> None:
+            try:
+                async for event in self.engine.generate(ids, params):
+                    await merged.put((index, event))
+            except ValueError as exc:  # rejected by the engine's own checks
+                await merged.put((index, APIError(400, str(exc), "prompt")))
+            await merged.put((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, ids)) for i, ids in enumerate(prompts)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                index, item = await merged.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, APIError):
+                    raise item
+                elif item.kind == "error":
+                    raise APIError(500, item.message)
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _collect(self, prompts: list[list[int]], params: SamplingParams, request: Request
+                       ) -> list[RequestOutput]:
+        async def work() -> list[RequestOutput]:
+            outputs: list[RequestOutput | None] = [None] * len(prompts)
+            async for index, event in self._run(prompts, params):
+                if event.kind == "done":
+                    outputs[index] = event.output
+            return outputs
+
+        return await _cancel_on_disconnect(request, work())
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _usage(self, prompts: list[list[int]], completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    # -- /v1/completions ------------------------------------------------------------------------
+    def _completion_prompts(self, prompt) -> tuple[list[list[int]], list[str]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt is empty", "prompt")
+        if all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
+        texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompt]
+        return ids, texts
+
+    def _completion_logprobs(self, tokens: list[int], entries, offset: int) -> dict:
+        texts = [self._token_text(t) for t in tokens]
+        offsets, position = [], offset
+        for text in texts:
+            offsets.append(position)
+            position += len(text)
+        return {"tokens": texts, "token_logprobs": [e[t] for e, t in zip(entries, tokens)],
+                "top_logprobs": [{self._token_text(a): v for a, v in e.items()} for e in entries],
+                "text_offset": offsets}
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._check_model(body.model)
+        prompts, texts = self._completion_prompts(body.prompt)
+        max_tokens = min(self._check_length(ids, body.max_tokens, "prompt") for ids in prompts)
+        params = body.sampling_params(max_tokens, body.logprobs)
+        rid, n = f"cmpl-{uuid.uuid4().hex}", params.n
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name}
+        if body.stream:
+            return _sse(self._stream_completions(body, prompts, texts, params, head))
+        outputs = await self._collect(prompts, params, request)
+        choices, completion_tokens = [], 0
+        for i, (out, prompt_text) in enumerate(zip(outputs, texts)):
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                prefix = prompt_text if body.echo else ""
+                logprobs = self._completion_logprobs(c.token_ids, c.logprobs, len(prefix)) if c.logprobs else None
+                choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason})
+        return head | {"choices": choices, "usage": self._usage(prompts, completion_tokens)}
+
+    async def _stream_completions(self, body, prompts, texts, params, head) -> AsyncIterator[dict]:
+        n, completion_tokens = params.n, 0
+        if body.echo:
+            for i, text in enumerate(texts):
+                for j in range(n):
+                    yield head | {"choices": [{"index": i * n + j, "text": text, "logprobs": None,
+                                               "finish_reason": None}]}
+        async for i, event in self._run(prompts, params):
+            if event.kind != "delta":
+                continue
+            d = event.delta
+            completion_tokens += len(d.token_ids)
+            logprobs = self._completion_logprobs(list(d.token_ids), d.logprobs, 0) if d.logprobs else None
+            yield head | {"choices": [{"index": i * n + d.index, "text": d.text, "logprobs": logprobs,
+                                       "finish_reason": d.finish_reason}]}
+        if body.include_usage:
+            yield head | {"choices": [], "usage": self._usage(prompts, completion_tokens)}
+
+    # -- /v1/chat/completions -------------------------------------------------------------------
+    def _chat_prompt(self, body: ChatRequest) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _chat_logprobs(self, tokens, entries) -> dict:
+        def item(token_id: int, value: float) -> dict:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        content = []
+        for token, entry in zip(tokens, entries):
+            alternatives = [item(a, v) for a, v in list(entry.items())[1:]] if len(entry) > 1 else []
+            content.append(item(token, entry[token]) | {"top_logprobs": alternatives})
+        return {"content": content}
+
+    async def chat(self, body: ChatRequest, request: Request):
+        self._check_model(body.model)
+        ids = self._chat_prompt(body)
+        max_tokens = self._check_length(ids, body.max_completion_tokens or body.max_tokens, "messages")
+        params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.name}
+            return _sse(self._stream_chat(body, ids, params, head))
+        (out,) = await self._collect([ids], params, request)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs) if c.logprobs else None,
+                    "finish_reason": c.finish_reason} for c in out.outputs]
+        head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.name}
+        return head | {"choices": choices, "usage": self._usage([ids], sum(len(c.token_ids) for c in out.outputs))}
+
+    async def _stream_chat(self, body, ids, params, head) -> AsyncIterator[dict]:
+        for j in range(params.n):
+            yield head | {"choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                       "finish_reason": None}]}
+        completion_tokens = 0
+        async for _, event in self._run([ids], params):
+            if event.kind != "delta":
+                continue
+            d = event.delta
+            completion_tokens += len(d.token_ids)
+            delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+            yield head | {"choices": [{"index": d.index, "delta": delta,
+                                       "logprobs": self._chat_logprobs(d.token_ids, d.logprobs) if d.logprobs else None,
+                                       "finish_reason": d.finish_reason}]}
+        if body.include_usage:
+            yield head | {"choices": [], "usage": self._usage([ids], completion_tokens)}
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as exc:  # the status line is sent already: report in-band, as OpenAI does
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
+
+
+async def _cancel_on_disconnect(request: Request, work):
+    """Run `work`; if the client disconnects first, cancel it (its requests are aborted)."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    raise APIError(400, "the client disconnected")
