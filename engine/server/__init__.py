@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from .app import build_app
@@ -21,6 +22,9 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, serve
     tokenizer = AutoTokenizer.from_pretrained(model)  # the HTTP side's own: not shared with the engine thread
     name = served_model_name or Path(model).name
     app = build_app(AsyncEngine(llm), tokenizer, name, llm.max_model_len, api_key)
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: make that one a
+    # no-op, so a clean shutdown exits 0 (installed only now: a SIGTERM while loading still kills).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
 
 

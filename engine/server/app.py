@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,10 +28,12 @@ from .async_engine import AsyncEngine, Event
 from .protocol import APIError, ChatRequest, CompletionRequest
 
 MAX_BODY_BYTES = 8 << 20
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_len: int,
               api_key: str | None = None) -> FastAPI:
+    """The app; the engine thread starts with the app and stops (after draining) when it shuts down."""
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if not engine.alive:
@@ -59,17 +61,7 @@ def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_
         traceback.print_exception(exc, file=sys.stderr)  # the operator sees it; the client never does
         return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            error = APIError(413, f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes")
-            return JSONResponse(error.body(), status_code=413)
-        return await call_next(request)
-
-    async def authorized(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=MAX_BODY_BYTES)
 
     @app.get("/health")
     async def health():
@@ -81,20 +73,71 @@ def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_
     async def metrics():
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": api.created,
                                             "owned_by": "lowrank-engine", "max_model_len": max_model_len}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await api.completions(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         return await api.chat(body, request)
 
     return app
+
+
+class _Guard:
+    """ASGI middleware, before routing and body parsing: the API key on /v1 routes, then the body size.
+
+    The size is checked on Content-Length or, for chunked uploads that have none, on the bytes
+    as they arrive: such a body is read here, up to the limit, and replayed to the app.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.limit = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is not None and scope["path"].startswith("/v1/") and \
+                headers.get("authorization") != f"Bearer {self.api_key}":
+            return await _reply(scope, receive, send, APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'"))
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _reply(scope, receive, send, APIError(
+                413, f"request body of {length} bytes is over the limit of {self.limit} bytes"))
+        if length is not None:
+            return await self.app(scope, receive, send)
+        # No Content-Length (chunked upload): read it here, up to the limit, then replay it.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _reply(scope, receive, send, APIError(
+                    413, f"request body is over the limit of {self.limit} bytes"))
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what follows the body: the disconnect a handler may wait for
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(scope, receive, send, error: APIError) -> None:
+    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -102,7 +145,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     error = exc.errors()[0]
     if error.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    loc = []
+    for part in error.get("loc", ())[1:] if error.get("loc", ("",))[0] == "body" else error.get("loc", ()):
+        if isinstance(part, str) and (part in UNION_TAGS or "[" in part or "-" in part):
+            break  # pydantic names the union member it tried ("str", "list[int]"): not a field
+        loc.append(str(part))
     param = ".".join(loc) or None
     got = f" (got {error['input']!r})" if "input" in error and loc else ""
     return APIError(400, f"{param or 'body'}: {error['msg']}{got}", param=param)
@@ -112,6 +159,7 @@ class _Handlers:
     def __init__(self, engine: AsyncEngine, tokenizer, served_model_name: str, max_model_len: int):
         self.engine, self.tokenizer = engine, tokenizer
         self.name, self.max_model_len = served_model_name, max_model_len
+        self.vocab_size = engine.llm.vocab_size
         self.created = int(time.time())
 
     # -- shared steps --------------------------------------------------------------------------
@@ -123,6 +171,8 @@ class _Handlers:
         """max_tokens to use; a prompt that leaves no room is a 400 quoting both lengths."""
         if not ids:
             raise APIError(400, "the prompt is empty: at least one token is needed", param)
+        if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
+            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param)
         room = self.max_model_len - len(ids)
         if max_tokens is None:
             max_tokens = room
@@ -192,14 +242,14 @@ class _Handlers:
         texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompt]
         return ids, texts
 
-    def _completion_logprobs(self, tokens: list[int], entries, offset: int) -> dict:
+    def _completion_logprobs(self, tokens: list[int], entries, offset: int, k: int) -> dict:
         texts = [self._token_text(t) for t in tokens]
         offsets, position = [], offset
         for text in texts:
             offsets.append(position)
             position += len(text)
         return {"tokens": texts, "token_logprobs": [e[t] for e, t in zip(entries, tokens)],
-                "top_logprobs": [{self._token_text(a): v for a, v in e.items()} for e in entries],
+                "top_logprobs": [{self._token_text(a): v for a, v in _top(e, k)} for e in entries],
                 "text_offset": offsets}
 
     async def completions(self, body: CompletionRequest, request: Request):
@@ -217,13 +267,15 @@ class _Handlers:
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 prefix = prompt_text if body.echo else ""
-                logprobs = self._completion_logprobs(c.token_ids, c.logprobs, len(prefix)) if c.logprobs else None
+                logprobs = (self._completion_logprobs(c.token_ids, c.logprobs, len(prefix), params.logprobs)
+                            if c.logprobs else None)
                 choices.append({"index": i * n + c.index, "text": prefix + c.text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason})
         return head | {"choices": choices, "usage": self._usage(prompts, completion_tokens)}
 
     async def _stream_completions(self, body, prompts, texts, params, head) -> AsyncIterator[dict]:
         n, completion_tokens = params.n, 0
+        offsets: dict[int, int] = {}  # characters already streamed per choice: logprobs' text_offset
         if body.echo:
             for i, text in enumerate(texts):
                 for j in range(n):
@@ -234,8 +286,12 @@ class _Handlers:
                 continue
             d = event.delta
             completion_tokens += len(d.token_ids)
-            logprobs = self._completion_logprobs(list(d.token_ids), d.logprobs, 0) if d.logprobs else None
-            yield head | {"choices": [{"index": i * n + d.index, "text": d.text, "logprobs": logprobs,
+            index = i * n + d.index
+            start = offsets.get(index, len(texts[i]) if body.echo else 0)
+            offsets[index] = start + len(d.text)
+            logprobs = (self._completion_logprobs(list(d.token_ids), d.logprobs, start, params.logprobs)
+                        if d.logprobs else None)
+            yield head | {"choices": [{"index": index, "text": d.text, "logprobs": logprobs,
                                        "finish_reason": d.finish_reason}]}
         if body.include_usage:
             yield head | {"choices": [], "usage": self._usage(prompts, completion_tokens)}
@@ -248,16 +304,13 @@ class _Handlers:
         text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _chat_logprobs(self, tokens, entries) -> dict:
+    def _chat_logprobs(self, tokens, entries, k: int) -> dict:
         def item(token_id: int, value: float) -> dict:
             text = self._token_text(token_id)
             return {"token": text, "logprob": value, "bytes": list(text.encode())}
 
-        content = []
-        for token, entry in zip(tokens, entries):
-            alternatives = [item(a, v) for a, v in list(entry.items())[1:]] if len(entry) > 1 else []
-            content.append(item(token, entry[token]) | {"top_logprobs": alternatives})
-        return {"content": content}
+        return {"content": [item(token, entry[token]) | {"top_logprobs": [item(a, v) for a, v in _top(entry, k)]}
+                            for token, entry in zip(tokens, entries)]}
 
     async def chat(self, body: ChatRequest, request: Request):
         self._check_model(body.model)
@@ -270,7 +323,7 @@ class _Handlers:
             return _sse(self._stream_chat(body, ids, params, head))
         (out,) = await self._collect([ids], params, request)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs) if c.logprobs else None,
+                    "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, params.logprobs) if c.logprobs else None,
                     "finish_reason": c.finish_reason} for c in out.outputs]
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.name}
         return head | {"choices": choices, "usage": self._usage([ids], sum(len(c.token_ids) for c in out.outputs))}
@@ -287,10 +340,16 @@ class _Handlers:
             completion_tokens += len(d.token_ids)
             delta = {"content": d.text} if d.text or d.finish_reason is None else {}
             yield head | {"choices": [{"index": d.index, "delta": delta,
-                                       "logprobs": self._chat_logprobs(d.token_ids, d.logprobs) if d.logprobs else None,
+                                       "logprobs": (self._chat_logprobs(d.token_ids, d.logprobs, params.logprobs)
+                                                    if d.logprobs else None),
                                        "finish_reason": d.finish_reason}]}
         if body.include_usage:
             yield head | {"choices": [], "usage": self._usage([ids], completion_tokens)}
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k most likely alternatives of a logprobs entry (it holds the sampled token and the top k)."""
+    return sorted(entry.items(), key=lambda item: -item[1])[:k]
 
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
