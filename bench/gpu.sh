@@ -17,3 +17,12 @@ mkdir -p "$OUT"
 "$PY" -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-enable \
     --benchmark-json="$OUT/kernels.json" 2>&1 | tee "$OUT/kernels-bench.log" | tail -n 5
 "$PY" bench/kernels_report.py "$OUT/kernels.json"
+# The engine benchmark needs the real model folder (no network on a lent GPU machine: bring
+# models/smollm2-135m along, e.g. split into pieces under the transfer limit and joined there).
+if [ -f models/smollm2-135m/model.safetensors ]; then
+    "$PY" -m pytest -q -p no:cacheprovider bench/test_engine.py --benchmark-enable \
+        --benchmark-json="$OUT/engine.json" 2>&1 | tee "$OUT/engine-bench.log" | tail -n 5
+    "$PY" bench/engine_report.py "$OUT/engine.json"
+else
+    echo "bench/gpu.sh: models/smollm2-135m is missing: engine benchmark skipped" >&2
+fi
