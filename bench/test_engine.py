@@ -23,7 +23,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.float16 if CUDA else torch.float32
 PROMPT_LEN, NEW_TOKENS = 64, 64
 BATCHES = [1, 16, 64]
-ROUNDS = 3 if CUDA else 1
+ROUNDS = 3
 
 
 @pytest.fixture(scope="module")

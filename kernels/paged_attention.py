@@ -33,10 +33,11 @@ def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int
     return mask if sliding_window is None else mask & (offset < sliding_window)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, n, Hq, D], k/v [B, L, Hkv, D], mask [B, n, L] -> [B, n, Hq, D]."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, n, Hq, D], k/v [B, L, Hkv, D], mask [B, n, L] or None (all visible) -> [B, n, Hq, D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None], enable_gqa=q.shape[2] != k.shape[2])
+                                         attn_mask=None if mask is None else mask[:, None],
+                                         enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
@@ -57,16 +58,23 @@ def paged_attention_ref(
         starts.append(starts[-1] + n)
     decoding = [i for i, n in enumerate(query_lens) if n == 1]
     if decoding:
-        rows = torch.tensor([starts[i] for i in decoding], device=q.device)
-        lens = torch.tensor([context_lens[i] for i in decoding], device=q.device)
-        longest = int(max(context_lens[i] for i in decoding))
-        table = block_tables[torch.tensor(decoding, device=q.device)]
-        k, v = _gather(k_cache, table, longest), _gather(v_cache, table, longest)  # (B, L, Hkv, D)
-        key_pos = torch.arange(longest, device=q.device)
-        in_context = key_pos < lens[:, None]  # (B, L): shorter sequences' padding holds stale slots
-        stale = ~in_context[:, :, None, None]  # SDPA adds -inf to masked scores and weighs V by 0: NaN survives both
-        k, v = k.masked_fill(stale, 0), v.masked_fill(stale, 0)
-        mask = _visible((lens - 1)[:, None], key_pos, sliding_window) & in_context[:, None]
+        every = len(decoding) == len(query_lens)  # a pure decode step: no row selection needed
+        rows = slice(None) if every else torch.tensor([starts[i] for i in decoding], device=q.device)
+        lengths = [context_lens[i] for i in decoding]
+        longest = max(lengths)
+        table = block_tables if every else block_tables[torch.tensor(decoding, device=q.device)]
+        k, v = _gather(k_cache, table, longest), _gather(v_cache, table, longest)  # (B, L, Hkv, D), copies
+        mask = None  # equal lengths and no window in reach: plain SDPA, its fastest path
+        if min(lengths) < longest or (sliding_window is not None and longest > sliding_window):
+            for row, n in enumerate(lengths):
+                # Shorter sequences' padding holds stale slots. SDPA adds -inf to masked scores and
+                # weighs V by 0, and a stale NaN survives both: zero them in the gathered copy.
+                k[row, n:], v[row, n:] = 0, 0
+            lens = torch.tensor(lengths, device=q.device)
+            key_pos = torch.arange(longest, device=q.device)
+            mask = _visible((lens - 1)[:, None], key_pos, sliding_window) & (key_pos < lens[:, None])[:, None]
+        if every:
+            return _sdpa(q[:, None], k, v, mask)[:, 0]
         out[rows] = _sdpa(q[rows][:, None], k, v, mask)[:, 0]
     for i, n in enumerate(query_lens):
         if n == 1:
