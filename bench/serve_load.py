@@ -61,8 +61,9 @@ async def run(args: argparse.Namespace) -> dict:
         jobs.put_nowait(i)
     samples: list = []
     start = time.perf_counter()
-    await asyncio.gather(*[_client(api, args.model, jobs, args.max_tokens, args.prompt_words, samples)
-                           for _ in range(args.clients)])
+    async with api:  # closes the HTTP pool inside this event loop
+        await asyncio.gather(*[_client(api, args.model, jobs, args.max_tokens, args.prompt_words, samples)
+                               for _ in range(args.clients)])
     wall = time.perf_counter() - start
     latency, ttft = [s[0] for s in samples], [s[1] for s in samples]
     return {"clients": args.clients, "requests": len(samples), "wall_s": wall,
