@@ -30,7 +30,7 @@ def environment() -> dict[str, str]:
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "driver": driver or "n/a",
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "n/a",
-        "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain") else ""),
+        "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain", "--untracked-files=no") else ""),
         "date": datetime.date.today().isoformat(),
     }
 
