@@ -12,6 +12,8 @@ from torch import nn
 
 from kernels import lowrank_gemm
 
+from .cpu_gemm import pack, packed_linear
+
 
 class Linear(nn.Module):
     """y = x Wᵀ + b with W [out, in], stored under HF's names (`weight`, `bias`)."""
@@ -21,9 +23,16 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of the weight once `pack_for_cpu` ran
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def pack_for_cpu(self) -> None:
+        """Serve through oneDNN's packed GEMM (`engine.cpu_gemm`); the dense weight is dropped."""
+        self.packed, self.weight = pack(self.weight), None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -42,9 +51,17 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(out_features, rank), requires_grad=False)
         self.B = nn.Parameter(torch.empty(rank, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # oneDNN's copies of (B, A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            packed_B, packed_A = self.packed
+            return packed_linear(packed_linear(x, packed_B), packed_A, self.bias)
         return lowrank_gemm(x, self.A, self.B, self.bias)
+
+    def pack_for_cpu(self) -> None:
+        """Serve both factors through oneDNN's packed GEMM (`engine.cpu_gemm`); A and B are dropped."""
+        self.packed, self.A, self.B = (pack(self.B), pack(self.A)), None, None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

@@ -12,7 +12,8 @@ from torch import nn
 
 from .attention import AttentionContext, cached_attention, causal_attention
 from .config import ModelConfig
-from .layers import Linear, RMSNorm, SwiGLU
+from .cpu_gemm import can_pack, pack, packed_linear
+from .layers import Linear, LowRankLinear, RMSNorm, SwiGLU
 from .rope import RotaryEmbedding, apply_rope
 
 
@@ -81,6 +82,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderStack(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.packed_head: torch.Tensor | None = None  # a tied head's oneDNN copy, once `pack_for_cpu` ran
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Packed tokens [T] at `positions` [T] -> final hidden states [T, hidden]."""
@@ -88,9 +90,27 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] -> logits [N, vocab] in the model dtype."""
+        if self.packed_head is not None:
+            return packed_linear(hidden, self.packed_head)
         if self.lm_head is None:
             return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
+
+    def pack_for_cpu(self) -> bool:
+        """Run every projection and the head through oneDNN's packed GEMM (`engine.cpu_gemm`).
+
+        Returns False, changing nothing, where that is not possible (not CPU, a dtype oneDNN does
+        not take, a torch build without it). A tied head keeps its embedding table for lookups,
+        so it costs one extra copy of that table.
+        """
+        if not can_pack(self.model.embed_tokens.weight):
+            return False
+        for module in self.modules():
+            if isinstance(module, (Linear, LowRankLinear)):
+                module.pack_for_cpu()
+        if self.lm_head is None:
+            self.packed_head = pack(self.model.embed_tokens.weight)
+        return True
 
     @property
     def device(self) -> torch.device:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import decode_kernel_applies
+from kernels import decode_kernel_applies, uses_triton
 
 from .attention import AttentionContext
 from .cuda_graphs import DecodeGraphs
@@ -24,6 +24,9 @@ class ModelRunner:
                  max_blocks_per_seq: int, cuda_graphs: bool = True):
         self.model, self.block_size, self.sampler = model, block_size, sampler
         self.device = model.device
+        probe = model.model.embed_tokens.weight[:1]
+        if self.device.type == "cpu" and not uses_triton(probe):
+            model.pack_for_cpu()  # oneDNN's packed GEMM; under TRITON_INTERPRET the kernels stay the subject
         # One block more than the block manager hands out: padded graph rows write there.
         self.kv_cache = allocate_kv_cache(model, num_blocks + 1, block_size)
         self.scratch_block = num_blocks
