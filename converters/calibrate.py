@@ -58,9 +58,11 @@ def tokenize_file(tokenizer, path: str | Path) -> list[int]:
 
 
 @torch.inference_mode()
-def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Run `windows` through `model`, summing xᵀx of each hooked linear's input into float64."""
-    hooked = list(dict.fromkeys(gram_key(n) for n in decoder_linears(model)))
+def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4,
+                  only: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Run `windows` through `model`, summing xᵀx of each hooked linear's input into float64
+    (of the hooked modules named in `only`, when given)."""
+    hooked = [n for n in dict.fromkeys(gram_key(n) for n in decoder_linears(model)) if only is None or n in only]
     grams: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .pull import REGISTRY, PullError, pull
@@ -80,23 +81,40 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from engine import ModelConfig
 
     from .compress import CompressConfig, compress, rank_table
+    from .lorc import LoRCConfig, lorc
 
     path = resolve_model(args.model)
     ModelConfig.from_folder(path)  # a missing or unsupported model fails before any work
+    if args.ratio is None and args.kv_ratio is None:
+        raise UsageError("nothing to do: give --ratio (weights), --kv-ratio (KV cache) or both")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UsageError(f"output folder {out} exists; pass --force to replace it")
     calib = Path(args.calib) if args.calib else default_text(DEFAULT_CALIB, "--calib")
-    config = CompressConfig(
+    device = args.device or "cpu"
+    config = None if args.ratio is None else CompressConfig(
         ratio=args.ratio, method=args.method, calib=str(calib), samples=args.samples, seq_len=args.seq_len,
-        steps=args.steps, device=args.device or "cpu", seed=args.seed,
+        steps=args.steps, device=device, seed=args.seed,
     )
-    manifest = compress(path, out, config)
+    kv_config = None if args.kv_ratio is None else LoRCConfig(
+        kv_ratio=args.kv_ratio, schedule=args.kv_schedule, calib=str(calib), samples=min(args.samples, 64),
+        seq_len=args.seq_len, device=device, seed=args.seed,
+    )
+    if kv_config is None:
+        manifest = compress(path, out, config)
+    elif config is None:
+        manifest = lorc(path, out, kv_config)
+    else:  # weights first, then the latent K/V of the compressed model, into `out` atomically
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.weights-") as tmp:
+            compress(path, Path(tmp) / "weights", config)
+            manifest = lorc(Path(tmp) / "weights", out, kv_config)
     print(rank_table(manifest))
-    print(
-        f"{config.method} ratio {manifest['achieved_ratio']:.4f} of the decoder's linear parameters removed "
-        f"(target {config.ratio}); whole model {manifest['model_ratio']:.4f}; wrote {out}"
-    )
+    print(f"{manifest['method']} ratio {manifest['achieved_ratio']:.4f} of the decoder's linear parameters removed; "
+          f"whole model {manifest['model_ratio']:.4f}; wrote {out}")
+    if kv := manifest.get("kv_latent"):
+        print(f"KV cache: {kv['achieved_kv_ratio']:.4f} of its bytes removed ({kv['schedule']} ranks, "
+              f"target {kv['kv_ratio']})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -144,10 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("compress", help="compress a model folder (svd, svd-llm or soco)")
+    p = sub.add_parser("compress", help="compress a model folder's weights (svd, svd-llm, soco) and/or KV cache")
     p.add_argument("model", help="model folder, or a pulled model's name")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of decoder linear parameters to remove")
+    p.add_argument("--ratio", type=float, help="fraction of decoder linear parameters to remove")
     p.add_argument("--method", default="soco", choices=["svd", "svd-llm", "soco"])
+    p.add_argument("--kv-ratio", type=float, help="fraction of KV-cache bytes to remove (LoRC latent K/V)")
+    p.add_argument("--kv-schedule", default="progressive", choices=["progressive", "uniform"],
+                   help="per-layer KV ranks: from measured sensitivity (default) or uniform")
     p.add_argument("--calib", help="calibration text (default: ../shared/corpus/pydocs/train.txt)")
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")

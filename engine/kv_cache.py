@@ -1,6 +1,9 @@
-"""The paged KV cache's memory: one K and one V block pool per layer, sized from a byte budget."""
+"""The paged KV cache's memory: per layer one block pool for K and one for V (or for their LoRC
+latents), sized from a byte budget."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -11,9 +14,10 @@ CUDA_FREE_FRACTION = 0.9
 
 
 def bytes_per_block(model: CausalLM, block_size: int) -> int:
-    c = model.config
+    """Bytes one block of `block_size` tokens takes over all layers (K and V, or their LoRC latents)."""
     itemsize = model.model.embed_tokens.weight.dtype.itemsize
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * itemsize
+    per_token = sum(math.prod(shape) for layer in model.model.layers for shape in layer.self_attn.cache_shapes())
+    return block_size * per_token * itemsize
 
 
 def default_budget(device: torch.device) -> int:
@@ -24,13 +28,13 @@ def default_budget(device: torch.device) -> int:
 
 
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed pools [num_blocks, block_size, Hkv, hd] per layer, handed to each attention module."""
-    c, weight = model.config, model.model.embed_tokens.weight
-    shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+    """Zeroed pools [num_blocks, block_size, *cache_shapes] per layer, handed to each attention module."""
+    weight = model.model.embed_tokens.weight
     caches = []
     for layer in model.model.layers:
-        kv = (torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-              torch.zeros(shape, dtype=weight.dtype, device=weight.device))
-        layer.self_attn.kv_cache = kv
+        attn = layer.self_attn
+        kv = tuple(torch.zeros((num_blocks, block_size, *shape), dtype=weight.dtype, device=weight.device)
+                   for shape in attn.cache_shapes())
+        attn.kv_cache = kv
         caches.append(kv)
     return caches

@@ -59,6 +59,14 @@ class LowRankLinear(nn.Module):
             return packed_linear(packed_linear(x, packed_B), packed_A, self.bias)
         return lowrank_gemm(x, self.A, self.B, self.bias)
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Bᵀ [..., r]: the latent a LoRC attention layer caches for its K or V projection."""
+        return F.linear(x, self.B)
+
+    def up(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent·Aᵀ + bias [..., out]: what `down` left, projected back up."""
+        return F.linear(latent, self.A, self.bias)
+
     def pack_for_cpu(self) -> None:
         """Serve both factors through oneDNN's packed GEMM (`engine.cpu_gemm`); A and B are dropped."""
         self.packed, self.A, self.B = (pack(self.B), pack(self.A)), None, None

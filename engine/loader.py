@@ -18,7 +18,7 @@ from safetensors import safe_open
 from .config import ModelConfig, ModelFolderError, parse_dtype
 from .layers import LowRankLinear
 from .model import CausalLM
-from .rank_budget import allocate_ranks
+from .rank_budget import allocate_ranks, lowrank_params
 
 MANIFEST = "lowrank.json"
 RATIO_TOLERANCE = 0.005  # bake meets the requested ratio within ±0.5 % of the linear parameters
@@ -72,15 +72,20 @@ def serving_ranks(path: Path, manifest: dict, files: list[Path], ratio: float | 
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     if ratio < baked - RATIO_TOLERANCE:
         raise ValueError(f"{path} was baked at ratio {baked:.4f}; it can serve ratio >= that, not {ratio}")
+    latent = {name: m["rank"] for name, m in factorized.items() if m.get("latent")}  # LoRC K/V: ranks fixed
+    scored = [name for name in factorized if name not in latent]
+    if not scored:
+        raise ValueError(f"{path} has no importance scores to serve another ratio from (only K/V latents)")
     scores = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
     total = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
     fixed = sum(m["shape"][0] * m["shape"][1] for m in modules.values() if not m["factorized"])
-    shapes = {name: tuple(m["shape"]) for name, m in factorized.items()}
+    fixed += sum(lowrank_params(rank, tuple(modules[name]["shape"])) for name, rank in latent.items())
+    shapes = {name: tuple(factorized[name]["shape"]) for name in scored}
     budget = int((1 - ratio) * total) - fixed
-    return allocate_ranks({n: scores[n] for n in factorized}, shapes, budget, dense_fallback=False)
+    return allocate_ranks({n: scores[n] for n in scored}, shapes, budget, dense_fallback=False) | latent
 
 
 def load_model(
@@ -132,6 +137,8 @@ def load_model(
         raise ModelFolderError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]!r}")
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary.materialize(device)
+    if manifest and manifest.get("kv_latent"):
+        model.use_latent_kv()
     return model.eval()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import latent_attention
+
 from .attention import AttentionContext, cached_attention, causal_attention
 from .config import ModelConfig
 from .cpu_gemm import can_pack, pack, packed_linear
@@ -27,21 +29,51 @@ class Attention(nn.Module):
         self.v_proj = Linear(config.hidden_size, config.kv_size, config.qkv_bias)
         self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache for this layer
+        self.inv_freq: torch.Tensor | None = None  # set by `use_latent_kv`: keys are rebuilt and rotated there
+
+    @property
+    def latent(self) -> bool:
+        """Whether the cache holds LoRC latents (B_k x, B_v x) instead of keys and values."""
+        return self.inv_freq is not None
+
+    def use_latent_kv(self, inv_freq: torch.Tensor) -> None:
+        """Cache latents from now on; K and V must be factorised (`converters.lorc`)."""
+        if not (isinstance(self.k_proj, LowRankLinear) and isinstance(self.v_proj, LowRankLinear)):
+            raise ValueError("a latent KV cache needs factorised k_proj and v_proj")
+        self.inv_freq = inv_freq
+
+    def cache_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-token shapes of what this layer caches: (r_k,), (r_v,) latents, or K and V [Hkv, D]."""
+        if self.latent:
+            return (self.k_proj.rank,), (self.v_proj.rank,)
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # (T, Hq, hd)
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (T, Hkv, hd)
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (T, Hkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # (T, Hq, hd)
+        if self.latent:
+            cached = self.k_proj.down(x), self.v_proj.down(x)  # (T, r_k), (T, r_v)
+        else:
+            cached = self._keys_values(self.k_proj(x), self.v_proj(x), cos, sin)  # (T, Hkv, hd) each
         if ctx.slot_mapping is not None:
-            k_cache, v_cache = self.kv_cache  # (blocks, block_size, Hkv, hd) each, set by the engine
-            k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
-            v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
+            for cache, new in zip(self.kv_cache, cached):  # pools (blocks, block_size, *cache_shapes), set by the engine
+                cache.view(-1, *new.shape[1:])[ctx.slot_mapping] = new
             if ctx.reads_cache:
-                out = cached_attention(q, k_cache, v_cache, ctx, self.sliding_window)
-                return self.o_proj(out.flatten(-2))
-        out = causal_attention(q, k, v, ctx, self.sliding_window)  # (T, Hq, hd)
-        return self.o_proj(out.flatten(-2))
+                return self.o_proj(self._cached_attention(q, ctx).flatten(-2))
+        k, v = self._keys_values(self.k_proj.up(cached[0]), self.v_proj.up(cached[1]), cos, sin) if self.latent \
+            else cached
+        return self.o_proj(causal_attention(q, k, v, ctx, self.sliding_window).flatten(-2))
+
+    def _keys_values(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projected k, v [T, kv_size] -> (rotated keys, values), each [T, Hkv, hd]."""
+        shape = (self.num_kv_heads, self.head_dim)
+        return apply_rope(k.unflatten(-1, shape), cos, sin), v.unflatten(-1, shape)
+
+    def _cached_attention(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if not self.latent:
+            return cached_attention(q, *self.kv_cache, ctx, self.sliding_window)
+        k, v = self.k_proj, self.v_proj
+        return latent_attention(q, *self.kv_cache, k.A, v.A, k.bias, v.bias, self.inv_freq, ctx.block_tables,
+                                ctx.context_lens, ctx.seqlens, self.sliding_window, ctx.context_lens_tensor)
 
 
 class DecoderLayer(nn.Module):
@@ -105,12 +137,19 @@ class CausalLM(nn.Module):
         """
         if not can_pack(self.model.embed_tokens.weight):
             return False
+        latent = {id(p) for layer in self.model.layers if layer.self_attn.latent
+                  for p in (layer.self_attn.k_proj, layer.self_attn.v_proj)}  # their A feeds latent attention
         for module in self.modules():
-            if isinstance(module, (Linear, LowRankLinear)):
+            if isinstance(module, (Linear, LowRankLinear)) and id(module) not in latent:
                 module.pack_for_cpu()
         if self.lm_head is None:
             self.packed_head = pack(self.model.embed_tokens.weight)
         return True
+
+    def use_latent_kv(self) -> None:
+        """Every layer caches LoRC latents (a folder whose manifest has `kv_latent`)."""
+        for layer in self.model.layers:
+            layer.self_attn.use_latent_kv(self.model.rotary.inv_freq)
 
     @property
     def device(self) -> torch.device:

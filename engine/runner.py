@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import decode_kernel_applies, uses_triton
+from kernels import decode_kernel_applies, latent_decode_kernel_applies, uses_triton
 
 from .attention import AttentionContext
 from .cuda_graphs import DecodeGraphs
@@ -39,7 +39,8 @@ class ModelRunner:
         """Graphs need the decode step free of host syncs: true when it runs the Triton decode kernel."""
         c = self.model.config
         probe = torch.empty(1, c.num_heads, c.head_dim, dtype=self.kv_cache[0][0].dtype, device=self.device)
-        return decode_kernel_applies(probe, self.kv_cache[0][0], (1,))
+        applies = latent_decode_kernel_applies if self.model.model.layers[0].self_attn.latent else decode_kernel_applies
+        return applies(probe, self.kv_cache[0][0], (1,))
 
     def use_static_decode(self) -> None:
         """Run decode steps through the graph path's static buffers without capturing (CPU tests)."""

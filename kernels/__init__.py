@@ -1,8 +1,9 @@
 """Triton kernels, each beside its plain-torch reference; imports only torch and triton.
 
-`lowrank_gemm` (the engine's `LowRankLinear`, the SoCo trainer) and `paged_attention` (the
-engine's attention over its paged KV cache) are the entry points callers use. The backend is
-chosen once, at import, from `LOWRANK_KERNELS`:
+`lowrank_gemm` (the engine's `LowRankLinear`, the SoCo trainer), `paged_attention` (the
+engine's attention over its paged KV cache) and `latent_attention` (the same over a LoRC latent
+cache) are the entry points callers use. The backend is chosen once, at import, from
+`LOWRANK_KERNELS`:
 
 - `auto` (default): Triton for CUDA tensors, and for CPU tensors when `TRITON_INTERPRET=1`
   (how CI checks the kernels); the torch reference otherwise (CPU, and float64 anywhere).
@@ -16,6 +17,7 @@ import os
 
 import torch
 
+from .latent_attention import latent_attention_ref, latent_decode_attention, latent_decode_supported
 from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref
 from .lowrank_gemm import lowrank_gemm as lowrank_gemm_triton
 from .paged_attention import paged_attention_ref, paged_decode_attention, paged_decode_supported
@@ -71,18 +73,60 @@ def paged_attention(
     `context_lens` on the host, or `context_lens_tensor` on the device (what a captured CUDA graph reads).
     """
     if decode_kernel_applies(q, k_cache, query_lens):
-        lens = context_lens_tensor
-        if lens is None:
-            lens = torch.tensor(context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
+        lens = _device_lens(context_lens, context_lens_tensor, q.device)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, lens, sliding_window)
     if context_lens is None:
         raise ValueError("the reference paged attention needs context_lens on the host")
     return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_lens, sliding_window)
 
 
+def _device_lens(context_lens: tuple[int, ...] | None, context_lens_tensor: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """Context lengths as int32 on `device`: the tensor given (a captured graph's buffer), else copied over."""
+    if context_lens_tensor is not None:
+        return context_lens_tensor
+    return torch.tensor(context_lens, dtype=torch.int32).to(device, non_blocking=True)
+
+
 def decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor, query_lens: tuple[int, ...]) -> bool:
     """Whether a step with these queries runs the Triton decode kernel (one query per sequence)."""
     return uses_triton(q) and all(n == 1 for n in query_lens) and paged_decode_supported(q, k_cache)
 
+
+def latent_attention(
+    q: torch.Tensor,
+    ck_cache: torch.Tensor,
+    cv_cache: torch.Tensor,
+    k_up: torch.Tensor,
+    v_up: torch.Tensor,
+    k_bias: torch.Tensor | None,
+    v_bias: torch.Tensor | None,
+    inv_freq: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: tuple[int, ...] | None,
+    query_lens: tuple[int, ...],
+    sliding_window: int | None = None,
+    context_lens_tensor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """New queries [T, Hq, D] over the latent cache: the Triton kernel for decode steps, else the reference.
+
+    `context_lens` on the host, or `context_lens_tensor` on the device (what a captured CUDA graph reads).
+    """
+    if latent_decode_kernel_applies(q, ck_cache, query_lens):
+        lens = _device_lens(context_lens, context_lens_tensor, q.device)
+        return latent_decode_attention(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,
+                                       lens, sliding_window)
+    if context_lens is None:
+        raise ValueError("the reference latent attention needs context_lens on the host")
+    return latent_attention_ref(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,
+                                context_lens, query_lens, sliding_window)
+
+
+def latent_decode_kernel_applies(q: torch.Tensor, ck_cache: torch.Tensor, query_lens: tuple[int, ...]) -> bool:
+    """Whether a step with these queries runs the Triton latent decode kernel (one query per sequence)."""
+    return uses_triton(q) and all(n == 1 for n in query_lens) and latent_decode_supported(q, ck_cache)
+
+
 __all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
-           "paged_attention_ref", "paged_decode_attention", "decode_kernel_applies", "uses_triton"]
+           "paged_attention_ref", "paged_decode_attention", "decode_kernel_applies", "latent_attention",
+           "latent_attention_ref", "latent_decode_attention", "latent_decode_kernel_applies", "uses_triton"]

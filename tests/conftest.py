@@ -62,3 +62,24 @@ def real_model_dir() -> Path:
     from converters.pull import pull
 
     return pull(REAL_MODEL, REPO / "models")
+
+
+def shuffled_paged_pools(lengths, token_shapes, device, block_size: int = 16):
+    """Block pools [blocks, block_size, *shape], one per per-token shape, with blocks shuffled across
+    sequences: random values in each sequence's slots, NaN in unused blocks and past each context,
+    so a stray read shows. -> (pools, block tables int32 [B, max_blocks] padded with 0)."""
+    widths = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(widths) + 3
+    pools = [torch.full((num_blocks, block_size, *shape), float("nan"), device=device) for shape in token_shapes]
+    order = torch.randperm(num_blocks, device=device)
+    tables = torch.zeros(len(lengths), max(widths), dtype=torch.int32, device=device)
+    used = 0
+    for i, (n, w) in enumerate(zip(lengths, widths)):
+        blocks = order[used:used + w]
+        used += w
+        tables[i, :w] = blocks.int()
+        for pool, shape in zip(pools, token_shapes):
+            values = torch.randn(w * block_size, *shape, device=device)
+            values[n:] = float("nan")  # slots past the context are never read either
+            pool[blocks] = values.unflatten(0, (w, block_size))
+    return pools, tables

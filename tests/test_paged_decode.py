@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig
 
 import kernels
-from conftest import save_tiny_model, save_tiny_tokenizer
+from conftest import save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
 from kernels.paged_attention import paged_attention_ref, paged_decode_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -15,22 +15,7 @@ LENGTHS = (1, 15, 16, 17, 63, 65, 130)  # ragged: inside, at and across block an
 
 def _paged_inputs(lengths, num_heads, num_kv_heads, head_dim, dtype, block_size=16):
     """A cache whose blocks are shuffled across sequences; unused blocks hold NaN so a stray read shows."""
-    widths = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(widths) + 3
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), device=DEVICE)
-    v_cache = k_cache.clone()
-    order = torch.randperm(num_blocks, device=DEVICE)
-    tables = torch.zeros(len(lengths), max(widths), dtype=torch.int32, device=DEVICE)
-    used = 0
-    for i, (n, w) in enumerate(zip(lengths, widths)):
-        blocks = order[used:used + w]
-        used += w
-        tables[i, :w] = blocks.int()
-        k = torch.randn(w * block_size, num_kv_heads, head_dim, device=DEVICE)
-        v = torch.randn(w * block_size, num_kv_heads, head_dim, device=DEVICE)
-        k[n:], v[n:] = float("nan"), float("nan")  # slots past the context are never read either
-        k_cache[blocks] = k.unflatten(0, (w, block_size))
-        v_cache[blocks] = v.unflatten(0, (w, block_size))
+    (k_cache, v_cache), tables = shuffled_paged_pools(lengths, [(num_kv_heads, head_dim)] * 2, DEVICE, block_size)
     q = torch.randn(len(lengths), num_heads, head_dim, device=DEVICE)
     return q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables
 

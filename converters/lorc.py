@@ -1,0 +1,224 @@
+"""LoRC: a low-rank latent KV cache made from each layer's K and V projections, with no retraining.
+
+Each layer's `k_proj` and `v_proj` are factorised by the same whitened SVD as the weights (the
+Gram of their shared input, the attention norm's output): `k = A_k (B_k x)`, `v = A_v (B_v x)`.
+The engine then caches the latents `c_k = B_k x` and `c_v = B_v x`, r_k + r_v values per token
+instead of 2·n_kv·head_dim, and rebuilds keys (with RoPE) and values inside attention. A
+projection SoCo already factorised is re-factorised from its product A·B: exact at its own
+rank, the calibration-optimal truncation below it, and milliseconds of work.
+
+`kv_ratio` is the fraction of KV-cache bytes removed: Σ_l (r_k,l + r_v,l) = (1 − kv_ratio)·L·2·W
+with W = n_kv·head_dim. Two schedules spend that budget:
+- `uniform`: every layer keeps the same ranks;
+- `progressive` (LoRC): ranks follow measured sensitivity. For each layer and each of K, V we
+  truncate that one projection to the uniform rank, measure KL(model ‖ perturbed) on
+  calibration windows and divide by the whitened energy removed: s = KL per unit of relative
+  output energy. Component i of a projection then has priority s·σᵢ²/Σσ², and one global
+  threshold keeps the highest priorities (first-order: it minimises Σ s·(energy dropped)).
+  Layers whose errors are amplified through depth come out with more rank, without assuming
+  which ones they are.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine import load_model
+from engine.layers import Linear, LowRankLinear
+from engine.loader import read_manifest
+from engine.model import CausalLM
+from engine.rank_budget import dense_rank, lowrank_params
+
+from .bake import FORMAT_VERSION, read_tensors, weights_sha256, write_folder_atomically
+from .calibrate import collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
+from .factorize import Factors, whitened_svd
+
+SCHEDULES = ("progressive", "uniform")
+KV_LEAVES = ("k_proj", "v_proj")
+
+
+@dataclass(frozen=True, slots=True)
+class LoRCConfig:
+    kv_ratio: float
+    schedule: str = "progressive"
+    calib: str = ""  # calibration text file
+    samples: int = 64  # windows for the Grams
+    seq_len: int = 512
+    probe_samples: int = 4  # windows for the sensitivity probe (its reference log-probs stay in memory)
+    probe_seq_len: int = 256
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kv_ratio < 1:
+            raise ValueError(f"kv_ratio must be in (0, 1), got {self.kv_ratio}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("samples", "seq_len", "probe_samples", "probe_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def kv_names(model: CausalLM) -> list[tuple[str, str]]:
+    """(k_proj, v_proj) module names per layer."""
+    return [tuple(f"model.layers.{i}.self_attn.{leaf}" for leaf in KV_LEAVES) for i in range(model.config.num_layers)]
+
+
+def effective_weight(module: Linear | LowRankLinear) -> torch.Tensor:
+    """The [out, in] matrix a projection applies, in float64 (A·B for a factorised one)."""
+    if isinstance(module, LowRankLinear):
+        return module.A.double() @ module.B.double()
+    return module.weight.double()
+
+
+def uniform_rank(width: int, kv_ratio: float) -> int:
+    return max(1, round((1 - kv_ratio) * width))
+
+
+def progressive_ranks(factors: dict[str, Factors], sensitivity: dict[str, float], budget: int,
+                      width: int) -> dict[str, int]:
+    """Keep the components of highest priority s·σ²/Σσ² over all K/V projections while the total
+    rank fits `budget`; every projection keeps at least one component and at most `width`."""
+    names = list(factors)
+    priorities, owners = [], []
+    for idx, name in enumerate(names):
+        energy = factors[name].sigma.double() ** 2
+        p = sensitivity[name] * energy / energy.sum().clamp(min=1e-300)
+        p = p[:width].clone()
+        p[0] = float("inf")  # the floor of one component
+        priorities.append(p)
+        owners.append(torch.full((len(p),), idx))
+    order = torch.cat(priorities).argsort(descending=True, stable=True)[:budget]
+    counts = torch.bincount(torch.cat(owners)[order], minlength=len(names))
+    return {name: int(c) for name, c in zip(names, counts)}
+
+
+@contextmanager
+def swapped(model: CausalLM, name: str, replacement: torch.nn.Module):
+    """Temporarily put `replacement` at module path `name`."""
+    parent, _, child = name.rpartition(".")
+    holder = model.get_submodule(parent)
+    original = getattr(holder, child)
+    setattr(holder, child, replacement)
+    try:
+        yield
+    finally:
+        setattr(holder, child, original)
+
+
+def truncated_linear(factors: Factors, rank: int, bias: torch.Tensor | None, dtype: torch.dtype) -> Linear:
+    """A dense `Linear` applying the rank-`rank` truncation of `factors` (for the sensitivity probe)."""
+    out_features, in_features = factors.shape
+    layer = Linear(in_features, out_features, bias is not None)
+    layer.weight.data = (factors.A[:, :rank] @ factors.B[:rank]).to(dtype)
+    if bias is not None:
+        layer.bias.data = bias
+    return layer
+
+
+@torch.no_grad()  # not inference_mode: the probe's swapped-in layers are built inside it
+def measure_sensitivity(model: CausalLM, factors: dict[str, Factors], windows: torch.Tensor,
+                        rank: int) -> dict[str, float]:
+    """Per K/V projection: KL(model ‖ model with that projection truncated to `rank`), in nats per
+    token, divided by the fraction of its whitened energy the truncation removes."""
+    def log_probs() -> list[torch.Tensor]:
+        return [model.logits(h).float().log_softmax(-1) for h in model.hidden_states(list(windows))]
+
+    reference = log_probs()
+    dtype = model.model.embed_tokens.weight.dtype
+    sensitivity = {}
+    for name in tqdm(factors, desc="kv sensitivity", unit="proj"):
+        f = factors[name]
+        energy = f.sigma.double() ** 2
+        removed = (energy[rank:].sum() / energy.sum().clamp(min=1e-300)).item()
+        with swapped(model, name, truncated_linear(f, rank, model.get_submodule(name).bias, dtype)):
+            perturbed = log_probs()
+        kl = sum(F.kl_div(p, r, log_target=True, reduction="sum").item() for p, r in zip(perturbed, reference))
+        sensitivity[name] = max(kl, 0.0) / windows.numel() / max(removed, 1e-12)  # KL >= 0 up to rounding
+    return sensitivity
+
+
+def lorc(source: str | Path, out: str | Path, config: LoRCConfig) -> dict:
+    """Write `out`: the folder `source` (dense or compressed) with latent K/V projections; returns its manifest."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    source, out = Path(source), Path(out)
+    model = load_model(source, dtype=torch.float32, device=config.device)
+    c = model.config
+    width = c.num_kv_heads * c.head_dim
+    token_ids = tokenize_file(AutoTokenizer.from_pretrained(source), config.calib)
+    windows = sample_windows(token_ids, config.samples, config.seq_len, config.seed)
+    pairs = kv_names(model)
+    grams = collect_grams(model, windows, only={gram_key(k) for k, _ in pairs})
+    factors = {name: whitened_svd(effective_weight(model.get_submodule(name)), grams[gram_key(name)])
+               for pair in pairs for name in pair}
+    flat = uniform_rank(width, config.kv_ratio)
+    sensitivity = None
+    if config.schedule == "uniform":
+        ranks = {name: flat for name in factors}
+    else:
+        probe = sample_windows(token_ids, config.probe_samples, config.probe_seq_len, config.seed + 2)
+        sensitivity = measure_sensitivity(model, factors, probe, flat)
+        ranks = progressive_ranks(factors, sensitivity, flat * len(factors), width)
+    kv_latent = {
+        "kv_ratio": config.kv_ratio, "schedule": config.schedule, "width": width,
+        "achieved_kv_ratio": 1 - sum(ranks.values()) / (len(factors) * width),
+        "ranks": [[ranks[k], ranks[v]] for k, v in pairs],
+        "sensitivity": None if sensitivity is None else [[sensitivity[k], sensitivity[v]] for k, v in pairs],
+        "settings": asdict(config),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return write_latent_folder(source, out, model, factors, ranks, kv_latent)
+
+
+def write_latent_folder(source: Path, out: Path, model: CausalLM, factors: dict[str, Factors],
+                        ranks: dict[str, int], kv_latent: dict) -> dict:
+    """The source's tensors with each K/V projection as `A`, `B` at its latent rank, atomically."""
+    tensors = read_tensors(source)
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    manifest = read_manifest(source) or dense_manifest(source, model)
+    modules = manifest["modules"]
+    for name, f in factors.items():
+        for leaf in ("weight", "A", "B", "score"):
+            tensors.pop(f"{name}.{leaf}", None)
+        rank = ranks[name]
+        A, B = f.balanced(torch.arange(rank))
+        tensors[f"{name}.A"], tensors[f"{name}.B"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
+        modules[name] = {"shape": list(f.shape), "rank": rank, "dense_rank": round(dense_rank(f.shape), 2),
+                         "factorized": True, "latent": True}
+    dense_total = manifest["linear_params"]["dense"]
+    kept = sum(lowrank_params(m["rank"], m["shape"]) if m["factorized"] else m["shape"][0] * m["shape"][1]
+               for m in modules.values())
+    other = non_linear_params(model)
+    manifest |= {"achieved_ratio": 1 - kept / dense_total, "model_ratio": 1 - (kept + other) / (dense_total + other),
+                 "linear_params": {"dense": dense_total, "kept": kept}, "kv_latent": kv_latent}
+    write_folder_atomically(source, out, tensors, manifest)
+    return manifest
+
+
+def dense_manifest(source: Path, model: CausalLM) -> dict:
+    """A manifest for a dense source: every decoder linear listed as kept whole."""
+    modules = {}
+    for name in decoder_linears(model):
+        shape = tuple(model.get_submodule(name).weight.shape)
+        modules[name] = {"shape": list(shape), "rank": min(shape), "dense_rank": round(dense_rank(shape), 2),
+                         "factorized": False}
+    dense_total = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
+    return {"format_version": FORMAT_VERSION, "method": "none",
+            "source": {"path": str(source), "weights_sha256": weights_sha256(source)},
+            "target_ratio": 0.0,
+            "linear_params": {"dense": dense_total, "kept": dense_total}, "modules": modules}
+
+
+def non_linear_params(model: CausalLM) -> int:
+    """Parameters outside the decoder linears' matrices: embeddings, norms, biases, an untied head."""
+    matrices = {f"{name}.{leaf}" for name in decoder_linears(model) for leaf in ("weight", "A", "B")}
+    return sum(p.numel() for n, p in model.named_parameters() if n not in matrices)

@@ -1,0 +1,193 @@
+"""LoRC: latent K/V folders from tiny random models, their ranks, and the engine serving them."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+
+from conftest import save_tiny_model, save_tiny_tokenizer
+from converters.cli import main
+from converters.compress import CompressConfig, compress
+from converters.factorize import Factors
+from converters.lorc import LoRCConfig, kv_names, lorc, progressive_ranks, write_latent_folder
+from engine import LLM, SamplingParams, load_model
+from engine.kv_cache import bytes_per_block
+from engine.layers import LowRankLinear
+from engine.reference_decoding import stream_tokens
+
+VOCAB = 101
+CONFIGS = {
+    "llama-gqa": LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                             bos_token_id=None, eos_token_id=None),
+    "qwen2-bias": Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                              bos_token_id=None, eos_token_id=None),
+}
+WIDTH = 64  # n_kv · head_dim of both configs
+
+
+def _folder(tmp_path, name="llama-gqa"):
+    src = tmp_path / "dense"
+    hf = save_tiny_model(CONFIGS[name], src)
+    save_tiny_tokenizer(src, VOCAB)
+    text = tmp_path / "calib.txt"
+    gen = torch.Generator().manual_seed(7)
+    text.write_text(" ".join(f"t{i}" for i in torch.randint(2, VOCAB, (6000,), generator=gen).tolist()))
+    return hf, src, text
+
+
+def _config(text, kv_ratio=0.5, schedule="progressive"):
+    return LoRCConfig(kv_ratio=kv_ratio, schedule=schedule, calib=str(text), samples=8, seq_len=64,
+                      probe_samples=2, probe_seq_len=32)
+
+
+def test_progressive_ranks_follow_sensitivity_within_the_budget():
+    sigma = torch.linspace(2.0, 0.1, 16, dtype=torch.float64)
+    factors = {name: Factors(torch.eye(16, dtype=torch.float64), sigma, torch.eye(16, dtype=torch.float64))
+               for name in ("l0.k", "l0.v", "l1.k", "l1.v")}
+    sensitivity = {"l0.k": 8.0, "l0.v": 8.0, "l1.k": 1.0, "l1.v": 0.0}
+    ranks = progressive_ranks(factors, sensitivity, budget=30, width=16)
+    assert sum(ranks.values()) == 30
+    assert ranks["l0.k"] == ranks["l0.v"] > ranks["l1.k"] > ranks["l1.v"] == 1  # the floor: one component
+    assert max(ranks.values()) <= 16
+
+
+@pytest.mark.parametrize("schedule", ["progressive", "uniform"])
+def test_folder_meets_the_kv_budget_and_records_it(tmp_path, schedule):
+    _, src, text = _folder(tmp_path)
+    manifest = lorc(src, tmp_path / "out", _config(text, 0.5, schedule))
+    kv = json.loads((tmp_path / "out" / "lowrank.json").read_text())["kv_latent"]
+    assert kv == manifest["kv_latent"] and kv["schedule"] == schedule and kv["width"] == WIDTH
+    total = sum(r_k + r_v for r_k, r_v in kv["ranks"])
+    assert total == 3 * 2 * 32 and kv["achieved_kv_ratio"] == pytest.approx(0.5)
+    if schedule == "uniform":
+        assert all(r == [32, 32] for r in kv["ranks"])
+    else:
+        assert len(kv["sensitivity"]) == 3 and all(s >= 0 for pair in kv["sensitivity"] for s in pair)
+    model = load_model(tmp_path / "out", device="cpu")
+    for (k, v), (r_k, r_v) in zip(kv_names(model), kv["ranks"]):
+        assert model.get_submodule(k).rank == r_k and model.get_submodule(v).rank == r_v
+    assert all(layer.self_attn.latent for layer in model.model.layers)
+
+
+def _full_rank_folder(tmp_path, name):
+    """The dense model with K/V stored as latents of full rank: it must compute what the dense one does."""
+    hf, src, text = _folder(tmp_path, name)
+    model = load_model(src, device="cpu")
+    factors = {}
+    for pair in kv_names(model):
+        for n in pair:
+            W = model.get_submodule(n).weight.double()
+            U, S, Vt = torch.linalg.svd(W, full_matrices=False)
+            factors[n] = Factors(U, S, Vt)
+    ranks = {n: WIDTH for n in factors}
+    kv = {"kv_ratio": 0.0, "schedule": "uniform", "width": WIDTH, "achieved_kv_ratio": 0.0,
+          "ranks": [[WIDTH, WIDTH]] * model.config.num_layers}
+    write_latent_folder(src, tmp_path / "full", model, factors, ranks, kv)
+    return hf, tmp_path / "full"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_full_rank_latents_give_the_dense_logits(tmp_path, name):
+    hf, folder = _full_rank_folder(tmp_path, name)
+    ours = load_model(folder, device="cpu")
+    seq = torch.randint(0, VOCAB, (21,))
+    with torch.no_grad():
+        expected = hf(seq[None]).logits[0]
+    torch.testing.assert_close(ours.forward_sequences([seq])[0], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_engine_on_latents_equals_the_reference_decoding(tmp_path, name, torch_kernels):
+    _, src, text = _folder(tmp_path, name)
+    lorc(src, tmp_path / "out", _config(text, 0.5))
+    reference = load_model(tmp_path / "out", device="cpu")
+    llm = LLM(tmp_path / "out", dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=128)
+    prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in (3, 17, 40)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == list(stream_tokens(reference, prompt, 12))
+
+
+def test_latent_cache_fits_more_blocks_and_survives_preemption_and_prefix_hits(tmp_path, torch_kernels):
+    _, src, text = _folder(tmp_path)
+    lorc(src, tmp_path / "out", _config(text, 0.5, "uniform"))
+    dense = load_model(src, device="cpu")
+    latent = load_model(tmp_path / "out", device="cpu")
+    assert bytes_per_block(latent, 16) * 2 == bytes_per_block(dense, 16)  # kv_ratio 0.5: half the bytes
+    prompts = [[5 + i] * 30 + torch.randint(2, VOCAB, (10,)).tolist() for i in range(4)]
+    prompts.append(prompts[0][:35] + [7, 8, 9])  # shares two full blocks with the first prompt
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    roomy = LLM(tmp_path / "out", dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=128,
+                enable_prefix_caching=False).generate(prompts, params, use_tqdm=False)
+    per_block = bytes_per_block(latent, 16)
+    tight = LLM(tmp_path / "out", dtype="float32", device="cpu", kv_cache_memory=9 * per_block, max_model_len=128,
+                max_num_seqs=8)
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    cached = LLM(tmp_path / "out", dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=128)
+    first = cached.generate(prompts[0], params, use_tqdm=False)[0]
+    sharer = cached.generate(prompts[4], params, use_tqdm=False)[0]
+    assert sharer.num_cached_tokens == 32  # two full blocks of latents came from the cache
+    assert (first.token_ids, sharer.token_ids) == (roomy[0].token_ids, roomy[4].token_ids)
+
+
+def test_on_top_of_a_compressed_folder(tmp_path, torch_kernels):
+    _, src, text = _folder(tmp_path)
+    weights = tmp_path / "svd-llm"
+    compress(src, weights, CompressConfig(ratio=0.3, method="svd-llm", calib=str(text), samples=8, seq_len=64))
+    manifest = lorc(weights, tmp_path / "out", _config(text, 0.25))
+    before = json.loads((weights / "lowrank.json").read_text())["modules"]
+    for name, m in manifest["modules"].items():
+        if name.endswith(("k_proj", "v_proj")):
+            assert m["latent"] and m["factorized"]
+        else:
+            assert m == before[name]  # the other projections are untouched
+    model = load_model(tmp_path / "out", device="cpu")
+    assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+    smaller = load_model(tmp_path / "out", device="cpu", ratio=manifest["achieved_ratio"] + 0.1)
+    for (k, v), (r_k, r_v) in zip(kv_names(smaller), manifest["kv_latent"]["ranks"]):
+        assert smaller.get_submodule(k).rank == r_k and smaller.get_submodule(v).rank == r_v  # latents stay
+
+
+def test_cli_kv_ratio_alone_and_with_ratio(tmp_path, capsys, torch_kernels):
+    _, src, text = _folder(tmp_path)
+    common = ["--calib", str(text), "--samples", "8", "--seq-len", "64"]
+    assert main(["compress", str(src), "--kv-ratio", "0.5", "--kv-schedule", "uniform", "--out",
+                 str(tmp_path / "kv"), *common]) == 0
+    assert "KV cache: 0.5000 of its bytes removed" in capsys.readouterr().out
+    assert main(["compress", str(src), "--ratio", "0.3", "--method", "svd-llm", "--kv-ratio", "0.5", "--out",
+                 str(tmp_path / "both"), *common]) == 0
+    manifest = json.loads((tmp_path / "both" / "lowrank.json").read_text())
+    assert manifest["method"] == "svd-llm" and manifest["kv_latent"]["kv_ratio"] == 0.5
+    assert not list(tmp_path.glob(".both.weights-*"))  # the intermediate folder is gone
+    assert main(["compress", str(src), "--out", str(tmp_path / "none")]) == 2
+    assert "give --ratio" in capsys.readouterr().err
+    assert main(["compress", str(src), "--kv-ratio", "1.5", "--out", str(tmp_path / "bad"), *common]) == 2
+    assert "kv_ratio must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_engine_decodes_through_the_latent_kernel(tmp_path, monkeypatch):
+    import kernels
+
+    _, src, text = _folder(tmp_path)
+    lorc(src, tmp_path / "out", _config(text, 0.5))
+    reference = load_model(tmp_path / "out", device="cpu")
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(args[0].shape[0])
+        return kernels.latent_decode_attention.__wrapped__(*args, **kwargs)
+
+    counted.__wrapped__ = kernels.latent_decode_attention
+    monkeypatch.setattr(kernels, "BACKEND", "triton")  # CI's interpreter; on a GPU the compiled kernel
+    monkeypatch.setattr(kernels, "latent_decode_attention", counted)
+    llm = LLM(tmp_path / "out", dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=64)
+    prompts = [[3, 4, 5], torch.randint(2, VOCAB, (20,)).tolist()]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert launches and max(launches) == 2  # the batch's decode steps ran the kernel
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == list(stream_tokens(reference, prompt, 6))
