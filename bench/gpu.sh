@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the CUDA tests (kernels at every size, the slow ones too), then the
-# kernel benchmarks, then bench/results/kernels-<device>-<date>.md. Run from anywhere:
+# kernel benchmarks (low-rank GEMM, latent attention), then their tables in bench/results/. Run from anywhere:
 #   bash bench/gpu.sh            (PY=python3 bash bench/gpu.sh to pick the interpreter)
 # Logs and the raw pytest-benchmark JSON go to $OUT (default bench/results/raw/).
 set -euo pipefail
@@ -13,10 +13,14 @@ OUT=${OUT:-bench/results/raw}
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU: torch.cuda.is_available() is False')"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_lowrank_gemm.py tests/test_paged_decode.py \
+    tests/test_latent_attention.py \
     -o addopts="-ra --benchmark-disable" 2>&1 | tee "$OUT/cuda-tests.log"
 "$PY" -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-enable \
     --benchmark-json="$OUT/kernels.json" 2>&1 | tee "$OUT/kernels-bench.log" | tail -n 5
 "$PY" bench/kernels_report.py "$OUT/kernels.json"
+"$PY" -m pytest -q -p no:cacheprovider bench/test_latent_attention.py --benchmark-enable \
+    --benchmark-json="$OUT/latent.json" 2>&1 | tee "$OUT/latent-bench.log" | tail -n 5
+"$PY" bench/latent_report.py "$OUT/latent.json"
 # The engine benchmark needs the real model folder (no network on a lent GPU machine: bring
 # models/smollm2-135m along, e.g. split into pieces under the transfer limit and joined there).
 if [ -f models/smollm2-135m/model.safetensors ]; then

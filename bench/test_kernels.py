@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import kernels
+from timing import INNER, timed
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.float16 if CUDA else torch.float32
 RATIO = 0.4
-INNER = 20 if CUDA else 1  # calls per timed replay
 CPU_FLOP_CAP = 2e10  # dense FLOPs per call above which the CPU run skips a case (minutes, not seconds)
 
 LAYERS = {  # name: (in, out)
@@ -40,25 +40,6 @@ ROWS = [1, 8, 16, 64, 512, 2048]
 
 def rank_at_ratio(in_f: int, out_f: int, ratio: float = RATIO) -> int:
     return int((1 - ratio) * in_f * out_f / (in_f + out_f))
-
-
-def _timed(fn):
-    """What the benchmark calls: INNER calls of `fn`, captured once in a CUDA graph on a GPU."""
-    if not CUDA:
-        return fn
-    for _ in range(3):  # compile, autotune and warm up outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(INNER):
-            fn()
-
-    def replay():
-        graph.replay()
-        torch.cuda.synchronize()
-
-    return replay
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -88,4 +69,4 @@ def test_lowrank_gemm(benchmark, contender, layer, m):
                                 device=torch.cuda.get_device_name() if CUDA else f"cpu, {torch.get_num_threads()} threads",
                                 triton=kernels.uses_triton(x))
     with torch.inference_mode():
-        benchmark.pedantic(_timed(fn), rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1)
+        benchmark.pedantic(timed(fn), rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1)

@@ -145,43 +145,68 @@ def measure_sensitivity(model: CausalLM, factors: dict[str, Factors], windows: t
     return sensitivity
 
 
-def lorc(source: str | Path, out: str | Path, config: LoRCConfig) -> dict:
-    """Write `out`: the folder `source` (dense or compressed) with latent K/V projections; returns its manifest."""
+@dataclass
+class KVPrepared:
+    """A loaded model with every K/V projection factorised: what each kv_ratio and schedule starts from."""
+
+    source: Path
+    model: CausalLM
+    token_ids: list[int]  # the calibration text, tokenized (the sensitivity probe samples it too)
+    factors: dict[str, Factors]
+    pairs: list[tuple[str, str]]
+    width: int  # n_kv · head_dim: a projection's full rank
+    seconds: float
+
+
+def prepare_kv(source: str | Path, config: LoRCConfig) -> KVPrepared:
+    """Load `source` (dense or compressed), take its K/V inputs' Gram, factorise every K/V projection."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    source, out = Path(source), Path(out)
+    source = Path(source)
     model = load_model(source, dtype=torch.float32, device=config.device)
-    c = model.config
-    width = c.num_kv_heads * c.head_dim
     token_ids = tokenize_file(AutoTokenizer.from_pretrained(source), config.calib)
     windows = sample_windows(token_ids, config.samples, config.seq_len, config.seed)
     pairs = kv_names(model)
     grams = collect_grams(model, windows, only={gram_key(k) for k, _ in pairs})
     factors = {name: whitened_svd(effective_weight(model.get_submodule(name)), grams[gram_key(name)])
                for pair in pairs for name in pair}
+    width = model.config.num_kv_heads * model.config.head_dim
+    return KVPrepared(source, model, token_ids, factors, pairs, width, time.perf_counter() - start)
+
+
+def latent_ranks(prepared: KVPrepared, config: LoRCConfig) -> dict:
+    """The `kv_latent` record (ranks per layer, sensitivity, settings) for `config`'s ratio and schedule."""
+    start = time.perf_counter()
+    factors, pairs, width = prepared.factors, prepared.pairs, prepared.width
     flat = uniform_rank(width, config.kv_ratio)
     sensitivity = None
     if config.schedule == "uniform":
         ranks = {name: flat for name in factors}
     else:
-        probe = sample_windows(token_ids, config.probe_samples, config.probe_seq_len, config.seed + 2)
-        sensitivity = measure_sensitivity(model, factors, probe, flat)
+        probe = sample_windows(prepared.token_ids, config.probe_samples, config.probe_seq_len, config.seed + 2)
+        sensitivity = measure_sensitivity(prepared.model, factors, probe, flat)
         ranks = progressive_ranks(factors, sensitivity, flat * len(factors), width)
-    kv_latent = {
+    return {
         "kv_ratio": config.kv_ratio, "schedule": config.schedule, "width": width,
         "achieved_kv_ratio": 1 - sum(ranks.values()) / (len(factors) * width),
         "ranks": [[ranks[k], ranks[v]] for k, v in pairs],
         "sensitivity": None if sensitivity is None else [[sensitivity[k], sensitivity[v]] for k, v in pairs],
         "settings": asdict(config),
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(prepared.seconds + time.perf_counter() - start, 1),
     }
-    return write_latent_folder(source, out, model, factors, ranks, kv_latent)
 
 
-def write_latent_folder(source: Path, out: Path, model: CausalLM, factors: dict[str, Factors],
-                        ranks: dict[str, int], kv_latent: dict) -> dict:
+def lorc(source: str | Path, out: str | Path, config: LoRCConfig) -> dict:
+    """Write `out`: the folder `source` (dense or compressed) with latent K/V projections; returns its manifest."""
+    prepared = prepare_kv(source, config)
+    return write_latent_folder(prepared, Path(out), latent_ranks(prepared, config))
+
+
+def write_latent_folder(prepared: KVPrepared, out: Path, kv_latent: dict) -> dict:
     """The source's tensors with each K/V projection as `A`, `B` at its latent rank, atomically."""
+    source, model, factors = prepared.source, prepared.model, prepared.factors
+    ranks = {name: r for pair, rs in zip(prepared.pairs, kv_latent["ranks"]) for name, r in zip(pair, rs)}
     tensors = read_tensors(source)
     dtype = tensors["model.embed_tokens.weight"].dtype
     manifest = read_manifest(source) or dense_manifest(source, model)

@@ -71,14 +71,16 @@ class LLM:
         self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = tuple(sorted({*mc.eos_token_ids, self.tokenizer.eos_token_id} - {None}))
         per_block = bytes_per_block(self.model, bs)
+        self.kv_cache_bytes_per_token = per_block // bs
         budget = self.config.kv_cache_memory or default_budget(self.model.device)
         num_blocks, needed = budget // per_block, -(-self.max_model_len // bs)
         if num_blocks < needed:
             raise ValueError(f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {bs} tokens; "
                              f"max_model_len={self.max_model_len} needs {needed}: raise kv_cache_memory or lower "
                              f"max_model_len")
-        print(f"KV cache: {num_blocks} blocks x {bs} tokens = {num_blocks * bs} tokens "
-              f"({num_blocks * per_block / 2**20:.0f} MiB)", file=sys.stderr)
+        latent = " of LoRC latents" if self.model.model.layers[0].self_attn.latent else ""
+        print(f"KV cache{latent}: {num_blocks} blocks x {bs} tokens = {num_blocks * bs} tokens "
+              f"({num_blocks * per_block / 2**20:.0f} MiB, {per_block // bs} bytes per token)", file=sys.stderr)
         self.block_manager = BlockManager(num_blocks, bs, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids)

@@ -10,11 +10,12 @@ from conftest import save_tiny_model, save_tiny_tokenizer
 from converters.cli import main
 from converters.compress import CompressConfig, compress
 from converters.factorize import Factors
-from converters.lorc import LoRCConfig, kv_names, lorc, progressive_ranks, write_latent_folder
+from converters.lorc import KVPrepared, LoRCConfig, kv_names, lorc, progressive_ranks, write_latent_folder
 from engine import LLM, SamplingParams, load_model
 from engine.kv_cache import bytes_per_block
 from engine.layers import LowRankLinear
 from engine.reference_decoding import stream_tokens
+from server_harness import spawn  # noqa: F401 (a fixture)
 
 VOCAB = 101
 CONFIGS = {
@@ -82,10 +83,10 @@ def _full_rank_folder(tmp_path, name):
             W = model.get_submodule(n).weight.double()
             U, S, Vt = torch.linalg.svd(W, full_matrices=False)
             factors[n] = Factors(U, S, Vt)
-    ranks = {n: WIDTH for n in factors}
     kv = {"kv_ratio": 0.0, "schedule": "uniform", "width": WIDTH, "achieved_kv_ratio": 0.0,
           "ranks": [[WIDTH, WIDTH]] * model.config.num_layers}
-    write_latent_folder(src, tmp_path / "full", model, factors, ranks, kv)
+    prepared = KVPrepared(src, model, [], factors, kv_names(model), WIDTH, 0.0)
+    write_latent_folder(prepared, tmp_path / "full", kv)
     return hf, tmp_path / "full"
 
 
@@ -191,3 +192,21 @@ def test_engine_decodes_through_the_latent_kernel(tmp_path, monkeypatch):
     assert launches and max(launches) == 2  # the batch's decode steps ran the kernel
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == list(stream_tokens(reference, prompt, 6))
+
+
+def test_server_reports_the_latent_cache_in_metrics(tmp_path, spawn, torch_kernels):
+    import openai
+
+    _, src, text = _folder(tmp_path)
+    lorc(src, tmp_path / "out", _config(text, 0.5, "uniform"))
+    budget = ["--kv-cache-memory", str(1 << 20), "--max-model-len", "64"]
+    dense, latent = spawn(src, *budget), spawn(tmp_path / "out", "--served-model-name", "tiny", *budget)
+    m_dense, m_latent = dense.metrics(), latent.metrics()
+    per_token = 3 * 2 * WIDTH * 4  # 3 layers, K and V of width 64, fp32
+    assert m_dense["lowrank:kv_cache_bytes_per_token"] == per_token
+    assert m_latent["lowrank:kv_cache_bytes_per_token"] == per_token // 2
+    assert m_dense["lowrank:kv_cache_blocks"] == (1 << 20) // (16 * per_token)  # 42 blocks of 16 tokens
+    assert m_latent["lowrank:kv_cache_blocks"] == (1 << 20) // (16 * per_token // 2)  # 85
+    with openai.OpenAI(base_url=latent.url, api_key="x", max_retries=0, timeout=60) as client:
+        reply = client.completions.create(model="tiny", prompt="t5 t6 t7", max_tokens=5, temperature=0)
+    assert reply.usage.completion_tokens == 5

@@ -41,6 +41,7 @@ class AsyncEngine:
     def __init__(self, llm: LLM, metrics: Metrics | None = None):
         self.llm = llm
         self.metrics = metrics or Metrics()
+        self._update_gauges()  # the cache's size is known before the first request
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[int, _Listener] = {}
         self._stop = threading.Event()
@@ -165,6 +166,8 @@ class AsyncEngine:
         m.num_requests_waiting = len({s.request_id for s in scheduler.waiting})
         total = len(blocks.blocks)
         m.kv_cache_usage_perc = (total - blocks.num_free_blocks) / total
+        m.kv_cache_blocks = total
+        m.kv_cache_bytes_per_token = self.llm.kv_cache_bytes_per_token
         m.num_preemptions = scheduler.num_preemptions
 
     def _fail_all(self, message: str) -> None:

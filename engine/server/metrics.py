@@ -40,6 +40,8 @@ class Metrics:
     num_requests_running_max: int = 0  # peak concurrency since start: shows batching happened
     num_requests_waiting: int = 0
     kv_cache_usage_perc: float = 0.0  # fraction of cache blocks in use, 0..1 (vLLM's convention)
+    kv_cache_blocks: int = 0  # blocks the cache budget holds (more with a LoRC latent cache)
+    kv_cache_bytes_per_token: int = 0  # over all layers: K and V, or their latents
     prefix_cache_hits: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     prompt_tokens: int = 0
@@ -51,7 +53,8 @@ class Metrics:
 
     def render(self) -> str:
         p, lines = self.prefix, []
-        gauges = ("num_requests_running", "num_requests_running_max", "num_requests_waiting", "kv_cache_usage_perc")
+        gauges = ("num_requests_running", "num_requests_running_max", "num_requests_waiting", "kv_cache_usage_perc",
+                  "kv_cache_blocks", "kv_cache_bytes_per_token")
         for name in gauges:
             lines += [f"# TYPE {p}{name} gauge", f"{p}{name} {getattr(self, name)}"]
         counters = ("prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens", "request_success")
