@@ -188,10 +188,15 @@ def test_engine_decodes_through_the_latent_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "latent_decode_attention", counted)
     llm = LLM(tmp_path / "out", dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=64)
     prompts = [[3, 4, 5], torch.randint(2, VOCAB, (20,)).tolist()]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     assert launches and max(launches) == 2  # the batch's decode steps ran the kernel
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == list(stream_tokens(reference, prompt, 6))
+        # each decoded token's log-probability equals the reference model's (factorised K/V, no cache)
+        logits = reference.forward_sequences([prompt + out.token_ids])[0].double().log_softmax(-1)
+        for i, (token, entry) in enumerate(zip(out.token_ids, out.outputs[0].logprobs)):
+            assert entry[token] == pytest.approx(logits[len(prompt) - 1 + i, token].item(), abs=1e-4)
 
 
 def test_server_reports_the_latent_cache_in_metrics(tmp_path, spawn, torch_kernels):
