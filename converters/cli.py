@@ -97,7 +97,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         steps=args.steps, device=device, seed=args.seed,
     )
     kv_config = None if args.kv_ratio is None else LoRCConfig(
-        kv_ratio=args.kv_ratio, schedule=args.kv_schedule, calib=str(calib), samples=min(args.samples, 64),
+        kv_ratio=args.kv_ratio, schedule=args.kv_schedule, calib=str(calib), samples=args.samples,
         seq_len=args.seq_len, device=device, seed=args.seed,
     )
     if kv_config is None:

@@ -21,6 +21,7 @@ with W = n_kv·head_dim. Two schedules spend that budget:
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ from .factorize import Factors, whitened_svd
 
 SCHEDULES = ("progressive", "uniform")
 KV_LEAVES = ("k_proj", "v_proj")
+SIGMA_FLOOR = 1e-6  # components below this fraction of the largest σ carry nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,19 +81,29 @@ def effective_weight(module: Linear | LowRankLinear) -> torch.Tensor:
 
 
 def uniform_rank(width: int, kv_ratio: float) -> int:
+    """The rank that removes `kv_ratio` of a `width`-wide projection's cache, at least 1."""
     return max(1, round((1 - kv_ratio) * width))
 
 
+def rank_cap(module: Linear | LowRankLinear, factors: Factors, width: int) -> int:
+    """The most components worth caching: the full width, the rank a compressed source already has,
+    and no component whose σ is numerically zero (a re-factorised A·B has nothing past its rank)."""
+    sigma = factors.sigma
+    significant = int((sigma > SIGMA_FLOOR * sigma[0]).sum()) if len(sigma) else 0
+    own = module.rank if isinstance(module, LowRankLinear) else width
+    return max(1, min(width, own, significant))
+
+
 def progressive_ranks(factors: dict[str, Factors], sensitivity: dict[str, float], budget: int,
-                      width: int) -> dict[str, int]:
+                      caps: dict[str, int]) -> dict[str, int]:
     """Keep the components of highest priority s·σ²/Σσ² over all K/V projections while the total
-    rank fits `budget`; every projection keeps at least one component and at most `width`."""
+    rank fits `budget`; every projection keeps at least one component and at most its cap."""
     names = list(factors)
     priorities, owners = [], []
     for idx, name in enumerate(names):
         energy = factors[name].sigma.double() ** 2
         p = sensitivity[name] * energy / energy.sum().clamp(min=1e-300)
-        p = p[:width].clone()
+        p = p[:caps[name]].clone()
         p[0] = float("inf")  # the floor of one component
         priorities.append(p)
         owners.append(torch.full((len(p),), idx))
@@ -113,11 +125,13 @@ def swapped(model: CausalLM, name: str, replacement: torch.nn.Module):
         setattr(holder, child, original)
 
 
-def truncated_linear(factors: Factors, rank: int, bias: torch.Tensor | None, dtype: torch.dtype) -> Linear:
-    """A dense `Linear` applying the rank-`rank` truncation of `factors` (for the sensitivity probe)."""
+def truncated_linear(factors: Factors, rank: int, bias: torch.Tensor | None, dtype: torch.dtype) -> LowRankLinear:
+    """The rank-`rank` truncation of `factors` as a layer (for the sensitivity probe). Factorised, so
+    it also serves an attention layer already caching latents (a LoRC folder converted again)."""
     out_features, in_features = factors.shape
-    layer = Linear(in_features, out_features, bias is not None)
-    layer.weight.data = (factors.A[:, :rank] @ factors.B[:rank]).to(dtype)
+    layer = LowRankLinear(in_features, out_features, rank, bias is not None)
+    A, B = factors.balanced(torch.arange(rank))
+    layer.A.data, layer.B.data = A.to(dtype), B.to(dtype)
     if bias is not None:
         layer.bias.data = bias
     return layer
@@ -125,9 +139,9 @@ def truncated_linear(factors: Factors, rank: int, bias: torch.Tensor | None, dty
 
 @torch.no_grad()  # not inference_mode: the probe's swapped-in layers are built inside it
 def measure_sensitivity(model: CausalLM, factors: dict[str, Factors], windows: torch.Tensor,
-                        rank: int) -> dict[str, float]:
-    """Per K/V projection: KL(model ‖ model with that projection truncated to `rank`), in nats per
-    token, divided by the fraction of its whitened energy the truncation removes."""
+                        ranks: dict[str, int]) -> dict[str, float]:
+    """Per K/V projection: KL(model ‖ model with that projection truncated to its rank in `ranks`),
+    in nats per token, divided by the fraction of its whitened energy the truncation removes."""
     def log_probs() -> list[torch.Tensor]:
         return [model.logits(h).float().log_softmax(-1) for h in model.hidden_states(list(windows))]
 
@@ -135,12 +149,14 @@ def measure_sensitivity(model: CausalLM, factors: dict[str, Factors], windows: t
     dtype = model.model.embed_tokens.weight.dtype
     sensitivity = {}
     for name in tqdm(factors, desc="kv sensitivity", unit="proj"):
-        f = factors[name]
+        f, rank = factors[name], ranks[name]
         energy = f.sigma.double() ** 2
         removed = (energy[rank:].sum() / energy.sum().clamp(min=1e-300)).item()
         with swapped(model, name, truncated_linear(f, rank, model.get_submodule(name).bias, dtype)):
             perturbed = log_probs()
         kl = sum(F.kl_div(p, r, log_target=True, reduction="sum").item() for p, r in zip(perturbed, reference))
+        if not math.isfinite(kl):
+            raise ValueError(f"{name}: the sensitivity probe's KL is {kl}; the model's outputs are not finite")
         sensitivity[name] = max(kl, 0.0) / windows.numel() / max(removed, 1e-12)  # KL >= 0 up to rounding
     return sensitivity
 
@@ -155,6 +171,7 @@ class KVPrepared:
     factors: dict[str, Factors]
     pairs: list[tuple[str, str]]
     width: int  # n_kv · head_dim: a projection's full rank
+    caps: dict[str, int]  # the most components worth caching per projection (`rank_cap`)
     seconds: float
 
 
@@ -172,21 +189,24 @@ def prepare_kv(source: str | Path, config: LoRCConfig) -> KVPrepared:
     factors = {name: whitened_svd(effective_weight(model.get_submodule(name)), grams[gram_key(name)])
                for pair in pairs for name in pair}
     width = model.config.num_kv_heads * model.config.head_dim
-    return KVPrepared(source, model, token_ids, factors, pairs, width, time.perf_counter() - start)
+    caps = {name: rank_cap(model.get_submodule(name), f, width) for name, f in factors.items()}
+    return KVPrepared(source, model, token_ids, factors, pairs, width, caps, time.perf_counter() - start)
 
 
 def latent_ranks(prepared: KVPrepared, config: LoRCConfig) -> dict:
     """The `kv_latent` record (ranks per layer, sensitivity, settings) for `config`'s ratio and schedule."""
     start = time.perf_counter()
-    factors, pairs, width = prepared.factors, prepared.pairs, prepared.width
+    factors, pairs, width, caps = prepared.factors, prepared.pairs, prepared.width, prepared.caps
     flat = uniform_rank(width, config.kv_ratio)
     sensitivity = None
     if config.schedule == "uniform":
-        ranks = {name: flat for name in factors}
+        ranks = {name: min(flat, caps[name]) for name in factors}
     else:
         probe = sample_windows(prepared.token_ids, config.probe_samples, config.probe_seq_len, config.seed + 2)
-        sensitivity = measure_sensitivity(prepared.model, factors, probe, flat)
-        ranks = progressive_ranks(factors, sensitivity, flat * len(factors), width)
+        # probe where the truncation removes something: at the uniform rank, or below a smaller cap
+        probe_ranks = {name: min(flat, uniform_rank(caps[name], config.kv_ratio)) for name in factors}
+        sensitivity = measure_sensitivity(prepared.model, factors, probe, probe_ranks)
+        ranks = progressive_ranks(factors, sensitivity, min(flat * len(factors), sum(caps.values())), caps)
     return {
         "kv_ratio": config.kv_ratio, "schedule": config.schedule, "width": width,
         "achieved_kv_ratio": 1 - sum(ranks.values()) / (len(factors) * width),

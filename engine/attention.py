@@ -4,7 +4,7 @@ Sequences are packed without padding (q/k/v are [total_tokens, heads, head_dim])
 by `cu_seqlens` [batch+1], as flash-attn's varlen API takes them. flash-attn is used when it is
 installed and the tensors are on CUDA (imported lazily, chosen once); otherwise torch's
 scaled_dot_product_attention, which runs everywhere. Queries that read the engine's paged KV
-cache go through `cached_attention` instead.
+cache go through `cached_attention` instead (`latent_cached_attention` when it holds LoRC latents).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import paged_attention
+from kernels import latent_attention, paged_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +73,16 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out[:, 0]
     return paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.seqlens, sliding_window,
                            ctx.context_lens_tensor)
+
+
+def latent_cached_attention(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor, k_up: torch.Tensor,
+                            v_up: torch.Tensor, k_bias: torch.Tensor | None, v_bias: torch.Tensor | None,
+                            inv_freq: torch.Tensor, ctx: AttentionContext,
+                            sliding_window: int | None = None) -> torch.Tensor:
+    """New queries [T, Hq, D] over a LoRC latent cache (keys rebuilt as c_k·A_kᵀ + b_k and rotated,
+    values as c_v·A_vᵀ + b_v) -> [T, Hq, D], through `kernels.latent_attention`."""
+    return latent_attention(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, ctx.block_tables,
+                            ctx.context_lens, ctx.seqlens, sliding_window, ctx.context_lens_tensor)
 
 
 def causal_attention(

@@ -27,9 +27,12 @@ def onednn_available() -> bool:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """A CPU weight oneDNN can reorder: float32 or bfloat16, 2-D, with the ops present."""
-    return weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2 \
-        and onednn_available()
+    """A CPU weight oneDNN can reorder: float32, or bfloat16 where the CPU has bf16 support; 2-D; ops present."""
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.dim() != 2:
+        return False
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    return onednn_available()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

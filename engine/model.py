@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import latent_attention
-
-from .attention import AttentionContext, cached_attention, causal_attention
+from .attention import AttentionContext, cached_attention, causal_attention, latent_cached_attention
 from .config import ModelConfig
 from .cpu_gemm import can_pack, pack, packed_linear
 from .layers import Linear, LowRankLinear, RMSNorm, SwiGLU
@@ -72,8 +70,8 @@ class Attention(nn.Module):
         if not self.latent:
             return cached_attention(q, *self.kv_cache, ctx, self.sliding_window)
         k, v = self.k_proj, self.v_proj
-        return latent_attention(q, *self.kv_cache, k.A, v.A, k.bias, v.bias, self.inv_freq, ctx.block_tables,
-                                ctx.context_lens, ctx.seqlens, self.sliding_window, ctx.context_lens_tensor)
+        return latent_cached_attention(q, *self.kv_cache, k.A, v.A, k.bias, v.bias, self.inv_freq, ctx,
+                                       self.sliding_window)
 
 
 class DecoderLayer(nn.Module):

@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from .latent_attention import latent_attention_ref, latent_decode_attention, latent_decode_supported
+from .latent_attention import (latent_attention_ref, latent_decode_attention, latent_decode_refusal,
+                               latent_decode_supported)
 from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref
 from .lowrank_gemm import lowrank_gemm as lowrank_gemm_triton
 from .paged_attention import paged_attention_ref, paged_decode_attention, paged_decode_supported
@@ -112,7 +113,8 @@ def latent_attention(
 
     `context_lens` on the host, or `context_lens_tensor` on the device (what a captured CUDA graph reads).
     """
-    if latent_decode_kernel_applies(q, ck_cache, query_lens):
+    if latent_decode_kernel_applies(q, ck_cache, query_lens) and latent_decode_refusal(
+            q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq) is None:
         lens = _device_lens(context_lens, context_lens_tensor, q.device)
         return latent_decode_attention(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,
                                        lens, sliding_window)

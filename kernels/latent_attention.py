@@ -196,21 +196,27 @@ def _latent_decode_kernel(
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
 
 
-def latent_decode_supported(q: torch.Tensor, ck_cache: torch.Tensor, k_up: torch.Tensor | None = None) -> bool:
-    """Shapes the kernel takes: power-of-two head_dim >= 32 (halves >= 16), contiguous cache, whole head groups."""
+MAX_RANK_V = 1024  # acc [GROUP_PAD, r_v] stays whole in registers: larger value latents go to the reference
+
+
+def latent_decode_supported(q: torch.Tensor, ck_cache: torch.Tensor, k_up: torch.Tensor | None = None,
+                            rank_v: int = 0) -> bool:
+    """Shapes the kernel takes: power-of-two head_dim >= 32 (halves >= 16), contiguous cache, whole head
+    groups, value rank up to MAX_RANK_V."""
     head_dim = q.shape[-1]
     ok = (q.dim() == 3 and head_dim >= 32 and head_dim & (head_dim - 1) == 0 and q.stride(-1) == 1
-          and ck_cache.dim() == 3 and ck_cache.is_contiguous())
+          and ck_cache.dim() == 3 and ck_cache.is_contiguous() and rank_v <= MAX_RANK_V)
     if ok and k_up is not None:
         ok = (k_up.dim() == 2 and k_up.shape[0] >= head_dim and k_up.shape[0] % head_dim == 0
               and q.shape[1] % (k_up.shape[0] // head_dim) == 0)
     return ok
 
 
-def _refusal(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq) -> str | None:
+def latent_decode_refusal(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq) -> str | None:
     """Why the kernel cannot take these inputs, naming the shapes; None when it can."""
     width = k_up.shape[0] if k_up.dim() == 2 else -1
-    fits = (latent_decode_supported(q, ck_cache, k_up) and cv_cache.dim() == 3 and cv_cache.is_contiguous()
+    fits = (latent_decode_supported(q, ck_cache, k_up, cv_cache.shape[-1]) and cv_cache.dim() == 3
+            and cv_cache.is_contiguous()
             and cv_cache.shape[:2] == ck_cache.shape[:2] and v_up.dim() == 2
             and k_up.shape == (width, ck_cache.shape[2]) and v_up.shape == (width, cv_cache.shape[2])
             and k_up.stride(1) == 1 and v_up.stride(1) == 1
@@ -219,7 +225,8 @@ def _refusal(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq) -> str
     if not fits:
         bias = [None if b is None else tuple(b.shape) for b in (k_bias, v_bias)]
         return (f"latent decode takes q [B, Hq, D] with D a power of two >= 32 and Hq a multiple of Hkv, contiguous "
-                f"caches ck [blocks, block_size, r_k] and cv [blocks, block_size, r_v], k_up [Hkv*D, r_k], v_up "
+                f"caches ck [blocks, block_size, r_k] and cv [blocks, block_size, r_v <= {MAX_RANK_V}], k_up "
+                f"[Hkv*D, r_k], v_up "
                 f"[Hkv*D, r_v], biases [Hkv*D] or None, inv_freq [D/2] float32; got q {tuple(q.shape)}, ck_cache "
                 f"{tuple(ck_cache.shape)}, cv_cache {tuple(cv_cache.shape)}, k_up {tuple(k_up.shape)}, v_up "
                 f"{tuple(v_up.shape)}, k_bias {bias[0]}, v_bias {bias[1]}, inv_freq {tuple(inv_freq.shape)} "
@@ -244,7 +251,7 @@ def latent_decode_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D] (one new token per sequence), context_lens int32 [B] on q's device -> [B, Hq, D]."""
-    problem = _refusal(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq)
+    problem = latent_decode_refusal(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq)
     if problem:
         raise ValueError(problem)
     batch, num_heads, head_dim = q.shape
@@ -266,5 +273,6 @@ def latent_decode_attention(
         OUT_CHUNK=max(MIN_ROWS, min(head_dim, tile)),
         HAS_K_BIAS=k_bias is not None, HAS_V_BIAS=v_bias is not None, UPCAST=upcast,
         IEEE=upcast or q.dtype == torch.float32, num_stages=NUM_STAGES,
+        num_warps=8 if max(MIN_ROWS, num_heads // num_kv_heads) * r_v_pad >= 8192 else 4,  # spread a wide acc
     )
     return out

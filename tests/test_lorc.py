@@ -1,6 +1,7 @@
 """LoRC: latent K/V folders from tiny random models, their ranks, and the engine serving them."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_progressive_ranks_follow_sensitivity_within_the_budget():
     factors = {name: Factors(torch.eye(16, dtype=torch.float64), sigma, torch.eye(16, dtype=torch.float64))
                for name in ("l0.k", "l0.v", "l1.k", "l1.v")}
     sensitivity = {"l0.k": 8.0, "l0.v": 8.0, "l1.k": 1.0, "l1.v": 0.0}
-    ranks = progressive_ranks(factors, sensitivity, budget=30, width=16)
+    ranks = progressive_ranks(factors, sensitivity, budget=30, caps=dict.fromkeys(factors, 16))
     assert sum(ranks.values()) == 30
     assert ranks["l0.k"] == ranks["l0.v"] > ranks["l1.k"] > ranks["l1.v"] == 1  # the floor: one component
     assert max(ranks.values()) <= 16
@@ -66,7 +67,8 @@ def test_folder_meets_the_kv_budget_and_records_it(tmp_path, schedule):
     if schedule == "uniform":
         assert all(r == [32, 32] for r in kv["ranks"])
     else:
-        assert len(kv["sensitivity"]) == 3 and all(s >= 0 for pair in kv["sensitivity"] for s in pair)
+        values = [s for pair in kv["sensitivity"] for s in pair]
+        assert len(kv["sensitivity"]) == 3 and all(math.isfinite(s) for s in values) and max(values) > 0
     model = load_model(tmp_path / "out", device="cpu")
     for (k, v), (r_k, r_v) in zip(kv_names(model), kv["ranks"]):
         assert model.get_submodule(k).rank == r_k and model.get_submodule(v).rank == r_v
@@ -85,7 +87,7 @@ def _full_rank_folder(tmp_path, name):
             factors[n] = Factors(U, S, Vt)
     kv = {"kv_ratio": 0.0, "schedule": "uniform", "width": WIDTH, "achieved_kv_ratio": 0.0,
           "ranks": [[WIDTH, WIDTH]] * model.config.num_layers}
-    prepared = KVPrepared(src, model, [], factors, kv_names(model), WIDTH, 0.0)
+    prepared = KVPrepared(src, model, [], factors, kv_names(model), WIDTH, dict.fromkeys(factors, WIDTH), 0.0)
     write_latent_folder(prepared, tmp_path / "full", kv)
     return hf, tmp_path / "full"
 
@@ -141,14 +143,21 @@ def test_on_top_of_a_compressed_folder(tmp_path, torch_kernels):
     weights = tmp_path / "svd-llm"
     compress(src, weights, CompressConfig(ratio=0.3, method="svd-llm", calib=str(text), samples=8, seq_len=64))
     manifest = lorc(weights, tmp_path / "out", _config(text, 0.25))
-    before = json.loads((weights / "lowrank.json").read_text())["modules"]
+    source = json.loads((weights / "lowrank.json").read_text())
+    before = source["modules"]
     for name, m in manifest["modules"].items():
         if name.endswith(("k_proj", "v_proj")):
             assert m["latent"] and m["factorized"]
+            assert m["rank"] <= before[name]["rank"]  # no padding past what the compressed source kept
         else:
             assert m == before[name]  # the other projections are untouched
+    assert manifest["achieved_ratio"] >= source["achieved_ratio"]  # the latents undo none of the compression
     model = load_model(tmp_path / "out", device="cpu")
     assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+    again = lorc(tmp_path / "out", tmp_path / "again", _config(text, 0.5))  # a latent folder, converted again
+    for name, m in again["modules"].items():
+        if m.get("latent"):
+            assert m["rank"] <= manifest["modules"][name]["rank"]
     smaller = load_model(tmp_path / "out", device="cpu", ratio=manifest["achieved_ratio"] + 0.1)
     for (k, v), (r_k, r_v) in zip(kv_names(smaller), manifest["kv_latent"]["ranks"]):
         assert smaller.get_submodule(k).rank == r_k and smaller.get_submodule(v).rank == r_v  # latents stay
@@ -215,3 +224,23 @@ def test_server_reports_the_latent_cache_in_metrics(tmp_path, spawn, torch_kerne
     with openai.OpenAI(base_url=latent.url, api_key="x", max_retries=0, timeout=60) as client:
         reply = client.completions.create(model="tiny", prompt="t5 t6 t7", max_tokens=5, temperature=0)
     assert reply.usage.completion_tokens == 5
+
+
+def test_static_decode_path_on_latents_gives_the_same_tokens(tmp_path, monkeypatch):
+    """The CUDA-graph path's static buffers (device lengths only, padded rows) over a latent cache."""
+    import kernels
+
+    _, src, text = _folder(tmp_path)
+    lorc(src, tmp_path / "out", _config(text, 0.5, "uniform"))
+    monkeypatch.setattr(kernels, "BACKEND", "triton")  # the latent decode kernel, as in a captured graph
+    settings = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=64, max_num_seqs=4)
+    prompts = [[3, 4, 5], [9] * 12, torch.randint(2, VOCAB, (20,)).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(tmp_path / "out", **settings).generate(prompts, params, use_tqdm=False)]
+    static = LLM(tmp_path / "out", **settings)
+    static.runner.use_static_decode()
+    steps = []
+    run = static.runner.graphs.run
+    static.runner.graphs.run = lambda *args: steps.append(len(args[0])) or run(*args)
+    assert [o.token_ids for o in static.generate(prompts, params, use_tqdm=False)] == expected
+    assert steps and 3 in steps  # decode steps went through the static path, with a padded row
