@@ -110,8 +110,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
             compress(path, Path(tmp) / "weights", config)
             manifest = lorc(Path(tmp) / "weights", out, kv_config)
     print(rank_table(manifest))
-    print(f"{manifest['method']} ratio {manifest['achieved_ratio']:.4f} of the decoder's linear parameters removed; "
-          f"whole model {manifest['model_ratio']:.4f}; wrote {out}")
+    if manifest["method"] != "none":  # "none": a dense source whose K/V alone were factorised
+        print(f"{manifest['method']} ratio {manifest['achieved_ratio']:.4f} of the decoder's linear parameters "
+              f"removed; whole model {manifest['model_ratio']:.4f}")
+    print(f"wrote {out}")
     if kv := manifest.get("kv_latent"):
         print(f"KV cache: {kv['achieved_kv_ratio']:.4f} of its bytes removed ({kv['schedule']} ranks, "
               f"target {kv['kv_ratio']})")
