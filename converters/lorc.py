@@ -8,15 +8,16 @@ projection SoCo already factorised is re-factorised from its product A·B: exact
 rank, the calibration-optimal truncation below it, and milliseconds of work.
 
 `kv_ratio` is the fraction of KV-cache bytes removed: Σ_l (r_k,l + r_v,l) = (1 − kv_ratio)·L·2·W
-with W = n_kv·head_dim. Two schedules spend that budget:
+with W = n_kv·head_dim (less where a compressed source's K/V already have smaller ranks: a latent
+never exceeds them). Two schedules spend the same budget:
 - `uniform`: every layer keeps the same ranks;
 - `progressive` (LoRC): ranks follow measured sensitivity. For each layer and each of K, V we
   truncate that one projection to the uniform rank, measure KL(model ‖ perturbed) on
   calibration windows and divide by the whitened energy removed: s = KL per unit of relative
   output energy. Component i of a projection then has priority s·σᵢ²/Σσ², and one global
   threshold keeps the highest priorities (first-order: it minimises Σ s·(energy dropped)).
-  Layers whose errors are amplified through depth come out with more rank, without assuming
-  which ones they are.
+  Rank goes where the measured sensitivity is, without assuming which layers those are: on
+  SmolLM2 that is the middle and late layers' K/V, while layer 0 keeps the least (bench/results/kv.md).
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def latent_ranks(prepared: KVPrepared, config: LoRCConfig) -> dict:
         # probe where the truncation removes something: at the uniform rank, or below a smaller cap
         probe_ranks = {name: min(flat, uniform_rank(caps[name], config.kv_ratio)) for name in factors}
         sensitivity = measure_sensitivity(prepared.model, factors, probe, probe_ranks)
-        ranks = progressive_ranks(factors, sensitivity, min(flat * len(factors), sum(caps.values())), caps)
+        budget = sum(min(flat, cap) for cap in caps.values())  # what uniform caches: same total, compared fairly
+        ranks = progressive_ranks(factors, sensitivity, budget, caps)
     return {
         "kv_ratio": config.kv_ratio, "schedule": config.schedule, "width": width,
         "achieved_kv_ratio": 1 - sum(ranks.values()) / (len(factors) * width),
