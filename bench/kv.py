@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO))
 
 from converters.lorc import LoRCConfig, latent_ranks, prepare_kv, write_latent_folder  # noqa: E402
 from converters.pull import pull  # noqa: E402
-from engine import load_model  # noqa: E402
-from engine.perplexity import load_text, perplexity  # noqa: E402
+from engine.perplexity import load_text  # noqa: E402
 
 from environment import environment  # noqa: E402
+from quality import held_out_ppl  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
@@ -36,12 +36,6 @@ SCHEDULES = ("progressive", "uniform")
 BUDGET_GIB = 4  # the KV budget of the memory table
 CONTEXTS = (1024, 4096, 8192, 16384)
 SERVE_BYTES = 2  # the memory table is for fp16/bf16 serving
-
-
-def held_out_ppl(folder: Path, token_ids: list[int]) -> float:
-    model = load_model(folder, device="cpu", dtype="float32")
-    model.pack_for_cpu()
-    return perplexity(model, token_ids, ctx=512, stride=512).perplexity
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import latent_attention, paged_attention
+from kernels import device_lens, latent_attention, paged_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +64,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     flash = _flash_attn("flash_attn_with_kvcache") if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     decoding = ctx.max_seqlen == 1
     if flash is not None and decoding and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
-        lens = ctx.context_lens_tensor
-        if lens is None:
-            lens = torch.tensor(ctx.context_lens, dtype=torch.int32).to(q.device, non_blocking=True)
+        lens = device_lens(ctx.context_lens, ctx.context_lens_tensor, q.device)
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
         out = flash(q[:, None], k_cache, v_cache, cache_seqlens=lens, block_table=ctx.block_tables, causal=True,
                     window_size=window)

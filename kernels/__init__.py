@@ -74,14 +74,14 @@ def paged_attention(
     `context_lens` on the host, or `context_lens_tensor` on the device (what a captured CUDA graph reads).
     """
     if decode_kernel_applies(q, k_cache, query_lens):
-        lens = _device_lens(context_lens, context_lens_tensor, q.device)
+        lens = device_lens(context_lens, context_lens_tensor, q.device)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, lens, sliding_window)
     if context_lens is None:
         raise ValueError("the reference paged attention needs context_lens on the host")
     return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_lens, sliding_window)
 
 
-def _device_lens(context_lens: tuple[int, ...] | None, context_lens_tensor: torch.Tensor | None,
+def device_lens(context_lens: tuple[int, ...] | None, context_lens_tensor: torch.Tensor | None,
                  device: torch.device) -> torch.Tensor:
     """Context lengths as int32 on `device`: the tensor given (a captured graph's buffer), else copied over."""
     if context_lens_tensor is not None:
@@ -115,7 +115,7 @@ def latent_attention(
     """
     if latent_decode_kernel_applies(q, ck_cache, query_lens) and latent_decode_refusal(
             q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq) is None:
-        lens = _device_lens(context_lens, context_lens_tensor, q.device)
+        lens = device_lens(context_lens, context_lens_tensor, q.device)
         return latent_decode_attention(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,
                                        lens, sliding_window)
     if context_lens is None:
@@ -131,4 +131,5 @@ def latent_decode_kernel_applies(q: torch.Tensor, ck_cache: torch.Tensor, query_
 
 __all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
            "paged_attention_ref", "paged_decode_attention", "decode_kernel_applies", "latent_attention",
-           "latent_attention_ref", "latent_decode_attention", "latent_decode_kernel_applies", "uses_triton"]
+           "latent_attention_ref", "latent_decode_attention", "latent_decode_kernel_applies", "device_lens",
+           "uses_triton"]
