@@ -35,7 +35,7 @@ METHODS = ("svd", "svd-llm", "soco")
 
 def held_out_ppl(folder: Path, token_ids: list[int], ratio: float | None = None) -> float:
     model = load_model(folder, device="cpu", dtype="float32", ratio=ratio)
-    model.pack_for_cpu()  # oneDNN's packed GEMM: the same figures, faster (dense 12.784 either way)
+    model.pack_for_cpu()  # packed CPU GEMMs (engine.cpu_gemm): the same figures, faster (dense 12.784 either way)
     return perplexity(model, token_ids, ctx=512, stride=512).perplexity
 
 

@@ -1,21 +1,42 @@
-"""Linear layers on CPU through oneDNN, with each weight reordered once into oneDNN's own layout.
+"""Linear layers on CPU with each weight repacked once, at load, for the kernel that serves it.
 
-Why: at decode batch sizes `F.linear` takes MKL's small-M path, which on the 2-core EPYC we
-measure on runs at 40-60 GFLOP/s while the weights stream from DRAM; oneDNN's inner product on a
-pre-reordered weight is 1.5-3x faster from 1 to 64 rows (SmolLM2's 576 -> 49152 head at 16 rows:
-17.9 ms -> 6.0 ms) and no slower at prefill sizes. These are the ops PyTorch's Inductor emits
-for frozen CPU linears (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`); calling
-them directly needs no compile step. The packed tensor is opaque: the dense weight it came from
-is dropped, except where something else reads it (a tied head's embedding table).
+Two kernels, chosen per weight by `pack`:
+
+- `native` (float32): our C kernel (engine/cpu_gemm.c, built by `engine.cpu_native`). It serves a
+  factorised layer as one fused call, (x·Bᵀ)·Aᵀ with the rank-r intermediate kept in cache, where
+  oneDNN makes two calls of ~16 µs fixed cost each. On the 2-core EPYC we measure on, over
+  SmolLM2's 210 projections of its SoCo 0.4 compression at 16 rows: 17.6 ms vs 28.0 ms through
+  oneDNN; dense ones 25.0 ms vs 29.0 ms, and equal at prefill sizes.
+- `onednn` (float32 where the native kernel cannot be built; bfloat16 where the CPU has bf16):
+  oneDNN's inner product on a weight reordered into its blocked layout
+  (`mkldnn._reorder_linear_weight` / `mkldnn._linear_pointwise`, the ops Inductor emits for
+  frozen CPU linears), 1.5-3x faster than `F.linear`'s MKL path at decode sizes.
+
+The packed weight replaces the dense one, which is dropped, except where something else reads it
+(a tied head's embedding table).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
+from . import cpu_native
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+PANEL = 16  # output columns per panel of the native layout (PANEL in cpu_gemm.c)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A weight [out_features, in_features] in a kernel's own layout (opaque outside this module)."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
+    kernel: str  # "native" (panels of [in, 16], cpu_gemm.c) or "onednn" (its blocked layout)
 
 
 @functools.cache
@@ -26,23 +47,85 @@ def onednn_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-def can_pack(weight: torch.Tensor) -> bool:
-    """A CPU weight oneDNN can reorder: float32, or bfloat16 where the CPU has bf16 support; 2-D; ops present."""
+def kernel_for(weight: torch.Tensor, kernel: str | None = None) -> str | None:
+    """The kernel that would serve `weight` ("native", "onednn"), or None where neither can.
+
+    `kernel` asks for one (tests, benchmarks); None picks the fastest available.
+    """
     if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.dim() != 2:
-        return False
-    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    return onednn_available()
+        return None
+    native = weight.dtype == torch.float32 and cpu_native.library() is not None
+    onednn = onednn_available() and (weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if kernel is None:
+        return "native" if native else "onednn" if onednn else None
+    return kernel if {"native": native, "onednn": onednn}.get(kernel) else None
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """weight [out, in] -> oneDNN's blocked copy of it (opaque; use only with `packed_linear`)."""
-    if not can_pack(weight):
-        raise ValueError(f"cannot pack a {weight.dtype} weight of shape {tuple(weight.shape)} on "
-                         f"{weight.device} for oneDNN (CPU, float32 or bfloat16, 2-D, oneDNN present)")
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+def can_pack(weight: torch.Tensor) -> bool:
+    """A 2-D CPU weight some kernel takes: float32, or bfloat16 where oneDNN has bf16 on this CPU."""
+    return kernel_for(weight) is not None
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def pack(weight: torch.Tensor, kernel: str | None = None) -> PackedWeight:
+    """weight [out, in] -> its copy in the layout of `kernel` (default: the fastest available)."""
+    chosen = kernel_for(weight, kernel)
+    if chosen is None:
+        wanted = f"the {kernel} kernel" if kernel else "a CPU kernel"
+        raise ValueError(f"cannot pack a {weight.dtype} weight of shape {tuple(weight.shape)} on {weight.device} "
+                         f"for {wanted} (CPU, float32 or bfloat16, 2-D; native needs a C compiler, onednn oneDNN)")
+    out_f, in_f = weight.shape
+    if chosen == "native":
+        panels = -(-out_f // PANEL)
+        padded = torch.zeros(panels * PANEL, in_f, dtype=weight.dtype)
+        padded[:out_f] = weight
+        data = padded.view(panels, PANEL, in_f).transpose(1, 2).contiguous()  # [panels, in, 16]
+    else:
+        data = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    return PackedWeight(data, out_f, in_f, chosen)
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weight takes {in_features}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"the native CPU kernel takes float32 inputs, got {x.dtype}")
+    return x.reshape(-1, in_features).contiguous()
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    """A contiguous tensor's data pointer for the C kernel (None stays NULL); the caller keeps `t` alive."""
+    if t is not None and not t.is_contiguous():
+        raise ValueError("the native CPU kernel takes contiguous tensors")
+    return None if t is None else t.data_ptr()
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] -> x·Wᵀ + bias [..., out], W the weight `packed` came from."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed.kernel == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
+    rows = _rows(x, packed.in_features)
+    y = torch.empty(rows.shape[0], packed.out_features, dtype=rows.dtype)
+    if rows.shape[0]:
+        cpu_native.library().lowrank_cpu_linear(
+            rows.data_ptr(), rows.shape[0], packed.in_features, packed.data.data_ptr(), packed.out_features,
+            _pointer(bias), y.data_ptr(), torch.get_num_threads())
+    return y.view(*x.shape[:-1], packed.out_features)
+
+
+def packed_lowrank(x: torch.Tensor, packed_B: PackedWeight, packed_A: PackedWeight,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> (x·Bᵀ)·Aᵀ + bias [..., out]: one fused call when both factors are native."""
+    if packed_B.kernel != "native" or packed_A.kernel != "native":
+        return packed_linear(packed_linear(x, packed_B), packed_A, bias)
+    if packed_A.in_features != packed_B.out_features:
+        raise ValueError(f"factor shapes disagree: B gives rank {packed_B.out_features}, "
+                         f"A takes {packed_A.in_features}")
+    rows = _rows(x, packed_B.in_features)
+    m, rank = rows.shape[0], packed_B.out_features
+    y = torch.empty(m, packed_A.out_features, dtype=rows.dtype)
+    if m:
+        scratch = torch.empty(m, rank, dtype=rows.dtype)
+        cpu_native.library().lowrank_cpu_lowrank(
+            rows.data_ptr(), m, packed_B.in_features, packed_B.data.data_ptr(), rank, packed_A.data.data_ptr(),
+            packed_A.out_features, _pointer(bias), scratch.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y.view(*x.shape[:-1], packed_A.out_features)

@@ -12,7 +12,7 @@ from torch import nn
 
 from kernels import lowrank_gemm
 
-from .cpu_gemm import pack, packed_linear
+from .cpu_gemm import PackedWeight, pack, packed_linear, packed_lowrank
 
 
 class Linear(nn.Module):
@@ -23,7 +23,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed: torch.Tensor | None = None  # oneDNN's copy of the weight once `pack_for_cpu` ran
+        self.packed: PackedWeight | None = None  # the CPU kernel's copy of the weight once `pack_for_cpu` ran
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -31,7 +31,7 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def pack_for_cpu(self) -> None:
-        """Serve through oneDNN's packed GEMM (`engine.cpu_gemm`); the dense weight is dropped."""
+        """Serve through a packed CPU GEMM (`engine.cpu_gemm`); the dense weight is dropped."""
         self.packed, self.weight = pack(self.weight), None
 
     def extra_repr(self) -> str:
@@ -51,12 +51,11 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(out_features, rank), requires_grad=False)
         self.B = nn.Parameter(torch.empty(rank, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # oneDNN's copies of (B, A)
+        self.packed: tuple[PackedWeight, PackedWeight] | None = None  # the CPU kernel's copies of (B, A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            packed_B, packed_A = self.packed
-            return packed_linear(packed_linear(x, packed_B), packed_A, self.bias)
+            return packed_lowrank(x, *self.packed, self.bias)
         return lowrank_gemm(x, self.A, self.B, self.bias)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +67,8 @@ class LowRankLinear(nn.Module):
         return F.linear(latent, self.A, self.bias)
 
     def pack_for_cpu(self) -> None:
-        """Serve both factors through oneDNN's packed GEMM (`engine.cpu_gemm`); A and B are dropped."""
+        """Serve both factors through a packed CPU GEMM (`engine.cpu_gemm`), fused where the kernel is
+        native; A and B are dropped."""
         self.packed, self.A, self.B = (pack(self.B), pack(self.A)), None, None
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .attention import AttentionContext, cached_attention, causal_attention, latent_cached_attention
 from .config import ModelConfig
-from .cpu_gemm import can_pack, pack, packed_linear
+from .cpu_gemm import PackedWeight, can_pack, pack, packed_linear
 from .layers import Linear, LowRankLinear, RMSNorm, SwiGLU
 from .rope import RotaryEmbedding, apply_rope
 
@@ -112,7 +112,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderStack(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
-        self.packed_head: torch.Tensor | None = None  # a tied head's oneDNN copy, once `pack_for_cpu` ran
+        self.packed_head: PackedWeight | None = None  # a tied head's CPU-kernel copy, once `pack_for_cpu` ran
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Packed tokens [T] at `positions` [T] -> final hidden states [T, hidden]."""
@@ -127,10 +127,10 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def pack_for_cpu(self) -> bool:
-        """Run every projection and the head through oneDNN's packed GEMM (`engine.cpu_gemm`).
+        """Run every projection and the head through a packed CPU GEMM (`engine.cpu_gemm`).
 
-        Returns False, changing nothing, where that is not possible (not CPU, a dtype oneDNN does
-        not take, a torch build without it). A tied head keeps its embedding table for lookups,
+        Returns False, changing nothing, where that is not possible (not CPU, a dtype no CPU
+        kernel takes). A tied head keeps its embedding table for lookups,
         so it costs one extra copy of that table.
         """
         if not can_pack(self.model.embed_tokens.weight):

@@ -26,7 +26,7 @@ class ModelRunner:
         self.device = model.device
         probe = model.model.embed_tokens.weight[:1]
         if self.device.type == "cpu" and not uses_triton(probe):
-            model.pack_for_cpu()  # oneDNN's packed GEMM; under TRITON_INTERPRET the kernels stay the subject
+            model.pack_for_cpu()  # packed CPU GEMMs (engine.cpu_gemm); under TRITON_INTERPRET the kernels stay the subject
         # One block more than the block manager hands out: padded graph rows write there.
         self.kv_cache = allocate_kv_cache(model, num_blocks + 1, block_size)
         self.scratch_block = num_blocks

@@ -1,0 +1,110 @@
+"""Builds engine/cpu_gemm.c with the system C compiler once per machine and loads it with ctypes.
+
+Why a compiled C kernel and not Triton: Triton has no CPU backend (its interpreter runs numpy),
+and the CPU libraries torch calls (oneDNN, MKL) are slow for the small GEMMs of decoding (see
+cpu_gemm.c). The build takes well under a second, needs only `cc` with OpenMP (no Python or
+torch headers), and is cached under `$LOWRANK_CACHE_DIR` (default `~/.cache/lowrank-engine`),
+keyed by the source, the compiler, its flags and the CPU's feature flags (`-march=native`). It is
+loaded after torch, so its OpenMP calls resolve to the runtime torch already loaded. No
+compiler, or a failed build, is not an error: the engine warns once and serves through oneDNN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("cpu_gemm.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+CACHE_ENV = "LOWRANK_CACHE_DIR"
+DISABLE_ENV = "LOWRANK_NATIVE_CPU"  # "0" serves CPU linears through oneDNN instead
+
+_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {
+    "lowrank_cpu_linear": [_p, _i64, _i64, _p, _i64, _p, _p, _int],
+    "lowrank_cpu_lowrank": [_p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _p, _int],
+}
+
+
+class BuildError(RuntimeError):
+    """The C kernel could not be compiled or loaded here."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                      "lowrank-engine")
+    return Path(base)
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: `-march=native` builds differ between CPUs sharing a cache folder."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build(compiler: str | None = None, directory: Path | None = None) -> Path:
+    """Compile the kernel (or find it already compiled) -> the shared library's path. Raises BuildError."""
+    compiler = compiler or os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise BuildError(f"no C compiler {compiler!r} on PATH")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{compiler} --version failed: {e}") from e
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_flags()]).encode())
+    directory = directory or cache_dir()
+    target = directory / f"cpu_gemm-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp-so", dir=directory)
+    os.close(fd)
+    try:  # compile beside the target, then rename: a crash never leaves a half-written library
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            raise BuildError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at `path` with its functions' argument types declared."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise BuildError(f"cannot load {path}: {e}") from e
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernel library, built on first use; None (after one warning) where it cannot be."""
+    if os.environ.get(DISABLE_ENV, "1").strip() == "0":
+        return None
+    try:
+        return load(build())
+    except BuildError as e:
+        warnings.warn(f"native CPU GEMM unavailable, serving CPU linears through oneDNN: {e}", RuntimeWarning,
+                      stacklevel=2)
+        return None

@@ -1,0 +1,73 @@
+"""Building and loading the native CPU kernel (engine.cpu_native): cached, atomic, clear when it cannot."""
+
+import os
+import shutil
+import stat
+import warnings
+
+import pytest
+
+from engine import cpu_native
+
+COMPILER = os.environ.get("CC") or "cc"
+needs_compiler = pytest.mark.skipif(shutil.which(COMPILER) is None, reason="no C compiler")
+
+
+@needs_compiler
+def test_build_compiles_once_then_reuses_the_cached_library(tmp_path):
+    first = cpu_native.build(directory=tmp_path)
+    assert first.parent == tmp_path and first.suffix == ".so"
+    built_at = first.stat().st_mtime_ns
+    assert cpu_native.build(directory=tmp_path) == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    lib = cpu_native.load(first)
+    assert all(hasattr(lib, name) for name in cpu_native.SIGNATURES)
+
+
+def _fake_compiler(tmp_path, script: str):
+    path = tmp_path / "fake-cc"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_a_failing_compiler_raises_with_its_message_and_leaves_nothing(tmp_path):
+    cc = _fake_compiler(tmp_path, 'case "$1" in --version) echo fake 1.0;; *) echo "no vector types" >&2; exit 1;; esac\n')
+    out = tmp_path / "cache"
+    with pytest.raises(cpu_native.BuildError, match="no vector types"):
+        cpu_native.build(compiler=cc, directory=out)
+    assert list(out.iterdir()) == []
+
+
+def test_a_missing_compiler_raises(tmp_path):
+    with pytest.raises(cpu_native.BuildError, match="no C compiler"):
+        cpu_native.build(compiler="definitely-not-a-compiler", directory=tmp_path)
+
+
+def test_a_library_that_does_not_load_raises(tmp_path):
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not an ELF file")
+    with pytest.raises(cpu_native.BuildError, match="cannot load"):
+        cpu_native.load(junk)
+
+
+def test_library_warns_once_and_returns_none_when_the_build_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "definitely-not-a-compiler")
+    monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path))
+    cpu_native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="oneDNN"):
+            assert cpu_native.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_native.library() is None  # cached: no second warning
+    finally:
+        cpu_native.library.cache_clear()
+
+
+def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path / "here"))
+    assert cpu_native.cache_dir() == tmp_path / "here"
+    monkeypatch.delenv(cpu_native.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_native.cache_dir() == tmp_path / "xdg" / "lowrank-engine"
