@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import device_lens, latent_attention, paged_attention
+from kernels import device_lens, latent_attention, paged_attention, uses_triton
+
+from .cpu_attention import native_decode_applies, native_paged_decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +60,9 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      sliding_window: int | None = None) -> torch.Tensor:
     """New queries [T, Hq, D] over the paged cache (their own K/V already written there) -> [T, Hq, D].
 
-    flash-attn's paged decode when installed, on CUDA, with pages it accepts; otherwise
-    `kernels.paged_attention` (the Triton decode kernel or the torch reference).
+    flash-attn's paged decode when installed, on CUDA, with pages it accepts; a decode step on CPU
+    through the native kernel (`engine.cpu_attention`) unless the Triton kernels are the subject;
+    otherwise `kernels.paged_attention` (the Triton decode kernel or the torch reference).
     """
     flash = _flash_attn("flash_attn_with_kvcache") if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     decoding = ctx.max_seqlen == 1
@@ -69,6 +72,9 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = flash(q[:, None], k_cache, v_cache, cache_seqlens=lens, block_table=ctx.block_tables, causal=True,
                     window_size=window)
         return out[:, 0]
+    if decoding and not uses_triton(q) and native_decode_applies(q, k_cache, v_cache):
+        lens = device_lens(ctx.context_lens, ctx.context_lens_tensor, q.device)
+        return native_paged_decode(q, k_cache, v_cache, ctx.block_tables, lens, sliding_window)
     return paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.seqlens, sliding_window,
                            ctx.context_lens_tensor)
 

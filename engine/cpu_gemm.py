@@ -85,11 +85,16 @@ def pack(weight: torch.Tensor, kernel: str | None = None) -> PackedWeight:
 
 
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [..., in] -> contiguous float32 rows [N, in] for the native kernel (no copy when already so)."""
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the packed weight takes {in_features}")
     if x.dtype != torch.float32:
         raise ValueError(f"the native CPU kernel takes float32 inputs, got {x.dtype}")
-    return x.reshape(-1, in_features).contiguous()
+    return x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, in_features).contiguous()
+
+
+def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -109,7 +114,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         cpu_native.library().lowrank_cpu_linear(
             rows.data_ptr(), rows.shape[0], packed.in_features, packed.data.data_ptr(), packed.out_features,
             _pointer(bias), y.data_ptr(), torch.get_num_threads())
-    return y.view(*x.shape[:-1], packed.out_features)
+    return _like_input(y, x)
 
 
 def packed_lowrank(x: torch.Tensor, packed_B: PackedWeight, packed_A: PackedWeight,
@@ -128,4 +133,4 @@ def packed_lowrank(x: torch.Tensor, packed_B: PackedWeight, packed_A: PackedWeig
         cpu_native.library().lowrank_cpu_lowrank(
             rows.data_ptr(), m, packed_B.in_features, packed_B.data.data_ptr(), rank, packed_A.data.data_ptr(),
             packed_A.out_features, _pointer(bias), scratch.data_ptr(), y.data_ptr(), torch.get_num_threads())
-    return y.view(*x.shape[:-1], packed_A.out_features)
+    return _like_input(y, x)

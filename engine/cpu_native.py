@@ -1,8 +1,9 @@
-"""Builds engine/cpu_gemm.c with the system C compiler once per machine and loads it with ctypes.
+"""Builds the engine's C kernels (cpu_gemm.c, cpu_attention.c) with the system C compiler once per
+machine and loads them with ctypes.
 
-Why a compiled C kernel and not Triton: Triton has no CPU backend (its interpreter runs numpy),
-and the CPU libraries torch calls (oneDNN, MKL) are slow for the small GEMMs of decoding (see
-cpu_gemm.c). The build takes well under a second, needs only `cc` with OpenMP (no Python or
+Why compiled C kernels and not Triton: Triton has no CPU backend (its interpreter runs numpy),
+and what torch calls on CPU (oneDNN, MKL, SDPA over gathered copies) is slow at the small sizes
+of decoding (see each source's header). The build takes well under a second, needs only `cc` with OpenMP (no Python or
 torch headers), and is cached under `$LOWRANK_CACHE_DIR` (default `~/.cache/lowrank-engine`),
 keyed by the source, the compiler, its flags and the CPU's feature flags (`-march=native`). It is
 loaded after torch, so its OpenMP calls resolve to the runtime torch already loaded. No
@@ -21,15 +22,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_gemm.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.c", "cpu_attention.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 CACHE_ENV = "LOWRANK_CACHE_DIR"
 DISABLE_ENV = "LOWRANK_NATIVE_CPU"  # "0" serves CPU linears through oneDNN instead
 
-_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-SIGNATURES = {
-    "lowrank_cpu_linear": [_p, _i64, _i64, _p, _i64, _p, _p, _int],
-    "lowrank_cpu_lowrank": [_p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _p, _int],
+_p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {  # name -> (argument types, return type)
+    "lowrank_cpu_linear": ([_p, _i64, _i64, _p, _i64, _p, _p, _int], None),
+    "lowrank_cpu_lowrank": ([_p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _p, _int], None),
+    "lowrank_cpu_paged_decode": ([_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int],
+                                 _int),
 }
 
 
@@ -65,19 +68,20 @@ def build(compiler: str | None = None, directory: Path | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"{compiler} --version failed: {e}") from e
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_flags()]).encode())
+    sources = [p.read_text() for p in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, compiler, version, *FLAGS, _cpu_flags()]).encode())
     directory = directory or cache_dir()
-    target = directory / f"cpu_gemm-{key.hexdigest()[:16]}.so"
+    target = directory / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp-so", dir=directory)
     os.close(fd)
     try:  # compile beside the target, then rename: a crash never leaves a half-written library
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
+                                text=True, timeout=300)
         if result.returncode != 0:
-            raise BuildError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr.strip()}")
+            raise BuildError(f"{compiler} failed on {', '.join(p.name for p in SOURCES)}:\n{result.stderr.strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -91,9 +95,9 @@ def load(path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise BuildError(f"cannot load {path}: {e}") from e
-    for name, argtypes in SIGNATURES.items():
+    for name, (argtypes, restype) in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures. TRITON_INTERPRET must be set before triton is imported anywhere."""
 
+import math
 import os
 from pathlib import Path
 
@@ -83,3 +84,22 @@ def shuffled_paged_pools(lengths, token_shapes, device, block_size: int = 16):
             values[n:] = float("nan")  # slots past the context are never read either
             pool[blocks] = values.unflatten(0, (w, block_size))
     return pools, tables
+
+
+def dense_attention_ref(q, ks, vs, query_lens, sliding_window, causal=True):
+    """float64 softmax(q k^T / sqrt(D)) v per sequence; query t sits at position L - n + t, sees keys j <= it
+    (and within the window); query head h reads KV head h // (Hq / Hkv). causal=False only guards the tests."""
+    outs, start = [], 0
+    for k, v, n in zip(ks, vs, query_lens):
+        length, group = k.shape[0], q.shape[1] // k.shape[1]
+        qi = q[start:start + n].double()  # (n, Hq, D)
+        start += n
+        k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)  # (L, Hq, D)
+        scores = torch.einsum("qhd,khd->hqk", qi, k) / math.sqrt(qi.shape[-1])
+        q_pos, k_pos = torch.arange(length - n, length)[:, None], torch.arange(length)[None, :]
+        visible = k_pos <= q_pos if causal else torch.ones(n, length, dtype=torch.bool)
+        if sliding_window is not None:
+            visible &= q_pos - k_pos < sliding_window
+        weights = scores.masked_fill(~visible, -math.inf).softmax(-1)
+        outs.append(torch.einsum("hqk,khd->qhd", weights, v))
+    return torch.cat(outs)

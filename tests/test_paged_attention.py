@@ -5,11 +5,10 @@ padded with 0, and slots no sequence owns hold garbage, so a test fails if the g
 wrong block, the wrong slot, or lets a masked key reach the output.
 """
 
-import math
-
 import pytest
 import torch
 
+from conftest import dense_attention_ref
 from kernels.paged_attention import paged_attention_ref
 
 BLOCK = 16
@@ -68,25 +67,6 @@ def _paged(lens: list[int], dtype: torch.dtype, seed: int, garbage: float | None
     return ks, vs, k_cache, v_cache, tables
 
 
-def _dense_ref(q, ks, vs, query_lens, sliding_window, causal=True):
-    """float64 softmax(q k^T / sqrt(D)) v per sequence; query t sits at position L - n + t, sees keys j <= it
-    (and within the window); query head h reads KV head h // (Hq / Hkv). causal=False only guards the tests."""
-    outs, start = [], 0
-    for k, v, n in zip(ks, vs, query_lens):
-        length, group = k.shape[0], q.shape[1] // k.shape[1]
-        qi = q[start:start + n].double()  # (n, Hq, D)
-        start += n
-        k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)  # (L, Hq, D)
-        scores = torch.einsum("qhd,khd->hqk", qi, k) / math.sqrt(qi.shape[-1])
-        q_pos, k_pos = torch.arange(length - n, length)[:, None], torch.arange(length)[None, :]
-        visible = k_pos <= q_pos if causal else torch.ones(n, length, dtype=torch.bool)
-        if sliding_window is not None:
-            visible &= q_pos - k_pos < sliding_window
-        weights = scores.masked_fill(~visible, -math.inf).softmax(-1)
-        outs.append(torch.einsum("hqk,khd->qhd", weights, v))
-    return torch.cat(outs)
-
-
 def _case(batch: str, group: int, dtype: torch.dtype, seed: int = 0, **paged):
     lens, query_lens = map(tuple, zip(*BATCHES[batch]))
     ks, vs, k_cache, v_cache, tables = _paged(list(lens), dtype, seed, **paged)
@@ -104,7 +84,7 @@ def test_matches_dense_reference(batch, sliding_window, group, dtype, atol, rtol
 
     got = paged_attention_ref(q, k_cache, v_cache, tables, lens, query_lens, sliding_window)
 
-    expected = _dense_ref(q, ks, vs, query_lens, sliding_window).to(dtype)
+    expected = dense_attention_ref(q, ks, vs, query_lens, sliding_window).to(dtype)
     assert got.shape == q.shape and got.dtype == dtype
     torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
 
@@ -117,7 +97,7 @@ def test_window_and_causality_change_the_output():
     full = paged_attention_ref(q, k_cache, v_cache, tables, lens, query_lens)
 
     assert (windowed - full).abs().max() > 0.1
-    assert (full - _dense_ref(q, ks, vs, query_lens, None, causal=False).float()).abs().max() > 0.1
+    assert (full - dense_attention_ref(q, ks, vs, query_lens, None, causal=False).float()).abs().max() > 0.1
 
 
 def test_non_contiguous_query():
@@ -129,7 +109,7 @@ def test_non_contiguous_query():
 
     got = paged_attention_ref(strided, k_cache, v_cache, tables, lens, query_lens)
 
-    torch.testing.assert_close(got, _dense_ref(q, ks, vs, query_lens, None).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, dense_attention_ref(q, ks, vs, query_lens, None).float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS)
@@ -145,4 +125,4 @@ def test_unused_slots_never_leak(batch, garbage, dtype):
 
     atol, rtol = next((a, r) for d, a, r in TOLERANCES if d == dtype)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, _dense_ref(q, ks, vs, query_lens, None).to(dtype), atol=atol, rtol=rtol)
+    torch.testing.assert_close(got, dense_attention_ref(q, ks, vs, query_lens, None).to(dtype), atol=atol, rtol=rtol)

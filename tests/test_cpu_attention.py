@@ -1,0 +1,80 @@
+"""The native CPU paged decode attention (engine.cpu_attention) against dense float64 attention.
+
+Blocks are shuffled through the pool and every slot no sequence owns holds NaN, so reading the
+wrong block, a slot past the context or outside the window shows as NaN in the output.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import dense_attention_ref, shuffled_paged_pools
+from engine.attention import AttentionContext, cached_attention
+from engine.cpu_attention import native_decode_applies, native_paged_decode
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+
+LENGTHS = {
+    "one-token": [1],
+    "chunk-edges": [31, 32, 33, 64, 65],  # the kernel scores 32 keys at a time
+    "ragged": [1, 17, 100, 3, 250, 16],
+}
+
+
+def _case(lengths, group, head_dim, block_size, seed=0, hkv=2):
+    torch.manual_seed(seed)
+    (k_cache, v_cache), tables = shuffled_paged_pools(lengths, [(hkv, head_dim)] * 2, "cpu", block_size)
+    q = torch.randn(len(lengths), hkv * group, head_dim)
+    ks, vs = [], []
+    for i, n in enumerate(lengths):
+        ks.append(k_cache[tables[i].long()].flatten(0, 1)[:n])
+        vs.append(v_cache[tables[i].long()].flatten(0, 1)[:n])
+    return q, k_cache, v_cache, tables, ks, vs
+
+
+@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("head_dim,block_size", [(16, 1), (64, 16), (128, 5)])
+@pytest.mark.parametrize("window", [None, 7, 40])
+def test_native_decode_matches_float64(lengths, group, head_dim, block_size, window):
+    lengths = LENGTHS[lengths]
+    q, k_cache, v_cache, tables, ks, vs = _case(lengths, group, head_dim, block_size)
+    assert native_decode_applies(q, k_cache, v_cache)
+    got = native_paged_decode(q, k_cache, v_cache, tables, torch.tensor(lengths), window)
+    want = dense_attention_ref(q, ks, vs, (1,) * len(lengths), window)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_the_engine_decodes_through_it_on_cpu(monkeypatch):
+    import kernels
+
+    monkeypatch.setattr(kernels, "BACKEND", "torch")  # uses_triton is False: the CPU serving path
+
+    def reference_not_expected(*args, **kwargs):
+        raise AssertionError("a CPU float32 decode step went to the reference")
+
+    monkeypatch.setattr("engine.attention.paged_attention", reference_not_expected)
+    lengths = [5, 40, 18]
+    q, k_cache, v_cache, tables, ks, vs = _case(lengths, 3, 64, 16, seed=1)
+    ctx = AttentionContext(cu_seqlens=torch.arange(4, dtype=torch.int32), seqlens=(1, 1, 1), max_seqlen=1,
+                           block_tables=tables, context_lens=tuple(lengths), reads_cache=True)
+    got = cached_attention(q, k_cache, v_cache, ctx)
+    torch.testing.assert_close(got.double(), dense_attention_ref(q, ks, vs, (1, 1, 1), None), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("what", ["float64", "bfloat16", "head_dim", "group"])
+def test_what_the_kernel_does_not_take_goes_to_the_reference(what):
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(what, torch.float32)
+    head_dim = 24 if what == "head_dim" else 64
+    group = 33 if what == "group" else 2
+    q = torch.randn(2, group, head_dim, dtype=dtype)
+    cache = torch.randn(4, 16, 1, head_dim, dtype=dtype)
+    assert not native_decode_applies(q, cache, cache)
+
+
+def test_mismatched_batch_is_refused():
+    q, k_cache, v_cache, tables, *_ = _case([4, 9], 2, 16, 16)
+    with pytest.raises(ValueError, match="2 queries, 2 block tables, 1 context lengths"):
+        native_paged_decode(q, k_cache, v_cache, tables, torch.tensor([4]))
