@@ -98,10 +98,12 @@ def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
-    """A contiguous tensor's data pointer for the C kernel (None stays NULL); the caller keeps `t` alive."""
-    if t is not None and not t.is_contiguous():
-        raise ValueError("the native CPU kernel takes contiguous tensors")
-    return None if t is None else t.data_ptr()
+    """A contiguous float32 tensor's data pointer for the C kernel (None stays NULL); the caller keeps `t` alive."""
+    if t is None:
+        return None
+    if not t.is_contiguous() or t.dtype != torch.float32:
+        raise ValueError(f"the native CPU kernel takes contiguous float32 tensors, got a {t.dtype} one")
+    return t.data_ptr()
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
