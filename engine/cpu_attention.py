@@ -23,7 +23,8 @@ def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     hq, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[2]
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-            and k_cache.shape == v_cache.shape and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.shape == v_cache.shape and k_cache.shape[3] == d and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
             and d % LANES == 0 and d <= MAX_HEAD_DIM and hq % hkv == 0 and hq // hkv <= MAX_GROUP
             and cpu_native.library() is not None)
 
@@ -35,17 +36,26 @@ def native_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     k_cache/v_cache [blocks, block_size, Hkv, D]; block_tables int [B, max_blocks];
     context_lens int [B], tokens per sequence including the new one.
     """
+    if not native_decode_applies(q, k_cache, v_cache):
+        raise ValueError(f"the native decode kernel does not take queries {tuple(q.shape)} {q.dtype} over a "
+                         f"{k_cache.dtype} cache of {tuple(k_cache.shape)}")
     q, tables = q.contiguous(), block_tables.to(torch.int32).contiguous()
     lens = context_lens.to(torch.int32).contiguous()
     batch, hq, d = q.shape
     if tables.shape[0] != batch or lens.shape[0] != batch:
         raise ValueError(f"{batch} queries, {tables.shape[0]} block tables, {lens.shape[0]} context lengths")
+    longest, capacity = int(lens.max()), tables.shape[1] * k_cache.shape[1]
+    if int(lens.min()) < 0 or longest > capacity:  # the kernel reads blocks through the tables unchecked
+        raise ValueError(f"context lengths {int(lens.min())}..{longest} outside the {capacity} slots the "
+                         f"block tables reach")
+    if int(tables.min()) < 0 or int(tables.max()) >= k_cache.shape[0]:
+        raise ValueError(f"block tables name blocks outside the cache's {k_cache.shape[0]}")
     out = torch.empty_like(q)
     status = cpu_native.library().lowrank_cpu_paged_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
         batch, hq, k_cache.shape[2], d, k_cache.shape[1], sliding_window or 0, 1.0 / math.sqrt(d), out.data_ptr(),
         torch.get_num_threads())
-    if status != 0:
+    if status != 0:  # unreachable after native_decode_applies; kept so a size mismatch never passes silently
         raise ValueError(f"the native decode kernel does not take {hq} query heads over {k_cache.shape[2]} KV heads "
                          f"of size {d}")
     return out

@@ -97,13 +97,15 @@ def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    """A contiguous float32 tensor's data pointer for the C kernel (None stays NULL); the caller keeps `t` alive."""
-    if t is None:
+def _bias_pointer(bias: torch.Tensor | None, out_features: int) -> int | None:
+    """The bias's data pointer for the C kernel (None stays NULL), after checking what the kernel reads."""
+    if bias is None:
         return None
-    if not t.is_contiguous() or t.dtype != torch.float32:
-        raise ValueError(f"the native CPU kernel takes contiguous float32 tensors, got a {t.dtype} one")
-    return t.data_ptr()
+    if bias.dtype != torch.float32 or bias.device.type != "cpu" or not bias.is_contiguous():
+        raise ValueError(f"the native CPU kernel takes a contiguous float32 CPU bias, got {bias.dtype} on {bias.device}")
+    if bias.numel() != out_features:
+        raise ValueError(f"bias has {bias.numel()} values for {out_features} outputs")
+    return bias.data_ptr()
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,7 +117,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     if rows.shape[0]:
         cpu_native.library().lowrank_cpu_linear(
             rows.data_ptr(), rows.shape[0], packed.in_features, packed.data.data_ptr(), packed.out_features,
-            _pointer(bias), y.data_ptr(), torch.get_num_threads())
+            _bias_pointer(bias, packed.out_features), y.data_ptr(), torch.get_num_threads())
     return _like_input(y, x)
 
 
@@ -134,5 +136,6 @@ def packed_lowrank(x: torch.Tensor, packed_B: PackedWeight, packed_A: PackedWeig
         scratch = torch.empty(m, rank, dtype=rows.dtype)
         cpu_native.library().lowrank_cpu_lowrank(
             rows.data_ptr(), m, packed_B.in_features, packed_B.data.data_ptr(), rank, packed_A.data.data_ptr(),
-            packed_A.out_features, _pointer(bias), scratch.data_ptr(), y.data_ptr(), torch.get_num_threads())
+            packed_A.out_features, _bias_pointer(bias, packed_A.out_features), scratch.data_ptr(), y.data_ptr(),
+            torch.get_num_threads())
     return _like_input(y, x)

@@ -74,15 +74,21 @@ def build(compiler: str | None = None, directory: Path | None = None) -> Path:
     target = directory / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp-so", dir=directory)
-    os.close(fd)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp-so", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        raise BuildError(f"cannot write to the kernel cache {directory}: {e}") from e
     try:  # compile beside the target, then rename: a crash never leaves a half-written library
         result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
                                 text=True, timeout=300)
         if result.returncode != 0:
             raise BuildError(f"{compiler} failed on {', '.join(p.name for p in SOURCES)}:\n{result.stderr.strip()}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private; others sharing the cache load it too
         os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{compiler} could not build the kernels: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

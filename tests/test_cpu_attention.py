@@ -74,7 +74,13 @@ def test_what_the_kernel_does_not_take_goes_to_the_reference(what):
     assert not native_decode_applies(q, cache, cache)
 
 
-def test_mismatched_batch_is_refused():
+def test_inputs_the_kernel_would_misread_are_refused():
     q, k_cache, v_cache, tables, *_ = _case([4, 9], 2, 16, 16)
     with pytest.raises(ValueError, match="2 queries, 2 block tables, 1 context lengths"):
         native_paged_decode(q, k_cache, v_cache, tables, torch.tensor([4]))
+    with pytest.raises(ValueError, match="outside the 16 slots"):
+        native_paged_decode(q, k_cache, v_cache, tables, torch.tensor([4, 17]))
+    with pytest.raises(ValueError, match="outside the cache"):
+        native_paged_decode(q, k_cache, v_cache, tables + 1000, torch.tensor([4, 9]))
+    with pytest.raises(ValueError, match="does not take"):
+        native_paged_decode(q[..., :8].contiguous(), k_cache, v_cache, tables, torch.tensor([4, 9]))

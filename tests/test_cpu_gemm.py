@@ -100,6 +100,8 @@ def test_native_kernel_refuses_what_it_cannot_compute():
         packed_linear(torch.randn(3, 16, dtype=torch.float64), packed)
     with pytest.raises(ValueError, match="float64"):
         packed_linear(torch.randn(3, 16), packed, torch.randn(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="4 values for 8 outputs"):
+        packed_linear(torch.randn(3, 16), packed, torch.randn(4))
     with pytest.raises(ValueError, match="rank 8"):
         packed_lowrank(torch.randn(3, 16), packed, pack(torch.randn(4, 5), "native"))
     with pytest.raises(ValueError, match="native"):

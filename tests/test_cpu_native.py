@@ -39,6 +39,19 @@ def test_a_failing_compiler_raises_with_its_message_and_leaves_nothing(tmp_path)
     assert list(out.iterdir()) == []
 
 
+@needs_compiler
+def test_an_unwritable_cache_raises_a_build_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    with pytest.raises(cpu_native.BuildError, match="kernel cache"):
+        cpu_native.build(directory=blocker / "cache")
+
+
+@needs_compiler
+def test_the_built_library_is_readable_by_everyone(tmp_path):
+    assert cpu_native.build(directory=tmp_path).stat().st_mode & 0o555 == 0o555
+
+
 def test_a_missing_compiler_raises(tmp_path):
     with pytest.raises(cpu_native.BuildError, match="no C compiler"):
         cpu_native.build(compiler="definitely-not-a-compiler", directory=tmp_path)
