@@ -20,95 +20,79 @@
 
 #define PANEL 16
 #define MAX_ROWS 16
-#define PAIR_ROWS 8
+#define MAX_TILES 2 /* adjacent panels per tile at prefill sizes */
 #define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
 #define PREFETCH 32 /* weight rows (of 16 floats: one cache line) fetched ahead of the FMAs */
 
 typedef float vec __attribute__((vector_size(PANEL * sizeof(float))));
 typedef float vec_unaligned __attribute__((vector_size(PANEL * sizeof(float)), aligned(sizeof(float))));
 
-/* rows x[0..ROWS) (row stride ldx) times one panel -> y columns [0, cols) of those rows. ROWS is
- * a compile-time constant at every call site, so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, const int ROWS, int64_t K,
-                                                             const float *panel, float *y, int64_t ldy, int cols,
-                                                             const float *bias)
+/* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
+ * rows. ROWS and TILES are compile-time constants at every call site, so the accumulators live in
+ * registers: 16 rows x 1 panel at decode sizes (the weight streamed once), 8 rows x 2 panels at
+ * prefill sizes (each broadcast of x feeds two FMAs: 10 loads per 16 FMAs instead of 17). */
+static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const float *x,
+                                                            int64_t ldx, int64_t K, const float *panel, float *y,
+                                                            int64_t ldy, int cols, const float *bias)
 {
-    vec acc[MAX_ROWS];
-    for (int m = 0; m < ROWS; m++) acc[m] = (vec){0};
+    vec acc[MAX_ROWS][MAX_TILES];
+    for (int m = 0; m < ROWS; m++)
+        for (int t = 0; t < TILES; t++) acc[m][t] = (vec){0};
     for (int64_t k = 0; k < K; k++) {
-        __builtin_prefetch(panel + PANEL * (k + PREFETCH), 0, 0);
-        vec w = *(const vec_unaligned *)(panel + PANEL * k);
-        for (int m = 0; m < ROWS; m++) acc[m] += x[m * ldx + k] * w;
+        vec w[MAX_TILES];
+        for (int t = 0; t < TILES; t++) {
+            const float *row = panel + t * K * PANEL + PANEL * k;
+            __builtin_prefetch(row + PANEL * PREFETCH, 0, 0);
+            w[t] = *(const vec_unaligned *)row;
+        }
+        for (int m = 0; m < ROWS; m++) {
+            const float xm = x[m * ldx + k];
+            for (int t = 0; t < TILES; t++) acc[m][t] += xm * w[t];
+        }
     }
-    if (bias) {
-        vec b = {0};
-        memcpy(&b, bias, sizeof(float) * cols);
-        for (int m = 0; m < ROWS; m++) acc[m] += b;
-    }
-    if (cols == PANEL) {
-        for (int m = 0; m < ROWS; m++) *(vec_unaligned *)(y + m * ldy) = acc[m];
-    } else {
-        for (int m = 0; m < ROWS; m++) memcpy(y + m * ldy, &acc[m], sizeof(float) * cols);
+    for (int t = 0; t < TILES && PANEL * t < cols; t++) {
+        const int width = cols - PANEL * t < PANEL ? cols - PANEL * t : PANEL;
+        if (bias) {
+            vec b = {0};
+            memcpy(&b, bias + PANEL * t, sizeof(float) * width);
+            for (int m = 0; m < ROWS; m++) acc[m][t] += b;
+        }
+        for (int m = 0; m < ROWS; m++) {
+            float *out = y + m * ldy + PANEL * t;
+            if (width == PANEL)
+                *(vec_unaligned *)out = acc[m][t];
+            else
+                memcpy(out, &acc[m][t], sizeof(float) * width);
+        }
     }
 }
 
-/* All M rows times one panel: blocks of MAX_ROWS, then the remainder with its own constant. */
-static void panel_all_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel, float *y,
-                           int64_t ldy, int cols, const float *bias)
+/* All M rows times `tiles` (1 or 2) adjacent panels: full blocks of rows, then the remainder, each
+ * with its row count as a constant. */
+static void tile_all_rows(const int tiles, const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel,
+                          float *y, int64_t ldy, int cols, const float *bias)
 {
+    const int64_t block = MAX_ROWS / tiles;
     int64_t m = 0;
-    for (; m + MAX_ROWS <= M; m += MAX_ROWS)
-        panel_rows(x + m * ldx, ldx, MAX_ROWS, K, panel, y + m * ldy, ldy, cols, bias);
+    for (; m + block <= M; m += block) {
+        if (tiles == 2)
+            tile_rows(MAX_ROWS / 2, 2, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias);
+        else
+            tile_rows(MAX_ROWS, 1, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias);
+    }
     const float *xr = x + m * ldx;
     float *yr = y + m * ldy;
-    switch (M - m) {
-#define REMAINDER(n) case n: panel_rows(xr, ldx, n, K, panel, yr, ldy, cols, bias); break;
+    switch (M - m) {  /* below `block` rows: under 8 with two panels, under 16 with one */
+#define REMAINDER(n)                                                                                      \
+    case n:                                                                                               \
+        if (tiles == 2)                                                                                   \
+            tile_rows(n, 2, xr, ldx, K, panel, yr, ldy, cols, bias);                                      \
+        else                                                                                              \
+            tile_rows(n, 1, xr, ldx, K, panel, yr, ldy, cols, bias);                                      \
+        break;
     REMAINDER(1) REMAINDER(2) REMAINDER(3) REMAINDER(4) REMAINDER(5) REMAINDER(6) REMAINDER(7)
     REMAINDER(8) REMAINDER(9) REMAINDER(10) REMAINDER(11) REMAINDER(12) REMAINDER(13) REMAINDER(14)
     REMAINDER(15)
-#undef REMAINDER
-    default: break;
-    }
-}
-
-/* Prefill sizes: PAIR_ROWS rows times two adjacent panels (32 columns), so each broadcast of x
- * feeds two FMAs: 10 loads per 16 FMAs instead of 17. */
-static inline __attribute__((always_inline)) void pair_rows(const float *x, int64_t ldx, const int ROWS, int64_t K,
-                                                            const float *panel, float *y, int64_t ldy, int cols,
-                                                            const float *bias)
-{
-    const float *next = panel + K * PANEL;
-    vec acc[PAIR_ROWS], acc2[PAIR_ROWS];
-    for (int m = 0; m < ROWS; m++) acc[m] = acc2[m] = (vec){0};
-    for (int64_t k = 0; k < K; k++) {
-        vec w = *(const vec_unaligned *)(panel + PANEL * k), w2 = *(const vec_unaligned *)(next + PANEL * k);
-        for (int m = 0; m < ROWS; m++) {
-            const float xm = x[m * ldx + k];
-            acc[m] += xm * w;
-            acc2[m] += xm * w2;
-        }
-    }
-    float tile[PAIR_ROWS][2 * PANEL];
-    for (int m = 0; m < ROWS; m++) {
-        memcpy(tile[m], &acc[m], sizeof(vec));
-        memcpy(tile[m] + PANEL, &acc2[m], sizeof(vec));
-        if (bias)
-            for (int c = 0; c < cols; c++) tile[m][c] += bias[c];
-        memcpy(y + m * ldy, tile[m], sizeof(float) * cols);
-    }
-}
-
-static void pair_all_rows(const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel, float *y,
-                          int64_t ldy, int cols, const float *bias)
-{
-    int64_t m = 0;
-    for (; m + PAIR_ROWS <= M; m += PAIR_ROWS)
-        pair_rows(x + m * ldx, ldx, PAIR_ROWS, K, panel, y + m * ldy, ldy, cols, bias);
-    const float *xr = x + m * ldx;
-    float *yr = y + m * ldy;
-    switch (M - m) {
-#define REMAINDER(n) case n: pair_rows(xr, ldx, n, K, panel, yr, ldy, cols, bias); break;
-    REMAINDER(1) REMAINDER(2) REMAINDER(3) REMAINDER(4) REMAINDER(5) REMAINDER(6) REMAINDER(7)
 #undef REMAINDER
     default: break;
     }
@@ -130,10 +114,7 @@ static void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const
             const int64_t width = N - PANEL * p < step * PANEL ? N - PANEL * p : step * PANEL;
             const float *w = packed + p * K * PANEL, *b = bias ? bias + PANEL * p : 0;
             float *out = y + m * ldy + PANEL * p;
-            if (width > PANEL)
-                pair_all_rows(x + m * ldx, ldx, rows, K, w, out, ldy, (int)width, b);
-            else
-                panel_all_rows(x + m * ldx, ldx, rows, K, w, out, ldy, (int)width, b);
+            tile_all_rows(width > PANEL ? 2 : 1, x + m * ldx, ldx, rows, K, w, out, ldy, (int)width, b);
         }
     }
 }
