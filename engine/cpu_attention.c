@@ -19,6 +19,7 @@
 #define MAX_GROUP 32      /* query heads per KV head */
 #define MAX_HEAD_DIM 256
 #define CHUNK 32          /* keys scored together: one softmax rescale per chunk, one exp per score */
+#define PREFETCH_KEYS 8   /* keys ahead whose K and V rows are fetched while this one is scored */
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef float vec_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
@@ -59,12 +60,60 @@ static inline void scale_add(float *acc, float a, const float *v, float b, int64
     }
 }
 
-/* Returns 0, or -1 when a size is beyond this kernel (the caller checks first). */
+typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+/* Offset of token j's row in a cache [blocks, block_size, Hkv, D] through a block table. */
+static inline int64_t slot(const int32_t *table, int64_t j, int64_t block_size, int64_t block_stride,
+                           int64_t token_stride)
+{
+    return (int64_t)table[j / block_size] * block_stride + (j % block_size) * token_stride;
+}
+
+/* e^x for x <= 0 (scores minus their running max), 16 lanes at once: Cephes' expf (2^n times a
+ * degree-6 polynomial on |r| <= ln2/2), within 2 ulp; below -87 (e^x < 2^-126) it gives ~1e-38. */
+static inline vec exp_nonpositive(vec x)
+{
+    const vec lowest = x - x - 87.0f;
+    const ivec low = x < lowest;
+    x = (vec)(((ivec)x & ~low) | ((ivec)lowest & low));
+    const vec shifter = x - x + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    const vec t = x * 1.44269504088896341f + shifter;
+    const vec n = t - shifter;
+    const vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const ivec two_n = ((ivec)t - (ivec)shifter + 127) << 23;  /* 2^n from n's integer bits */
+    return p * (vec)two_n;
+}
+
+/* Every block a sequence reads lies in the cache and every length within its table: 0, else -2. */
+static int check_tables(const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B,
+                        int64_t block_size, int64_t num_blocks)
+{
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t len = context_lens[b];
+        if (len < 0 || len > table_stride * block_size) return -2;
+        for (int64_t i = 0; i < (len + block_size - 1) / block_size; i++) {
+            const int32_t block = block_tables[b * table_stride + i];
+            if (block < 0 || block >= num_blocks) return -2;
+        }
+    }
+    return 0;
+}
+
+/* Returns 0; -1 when a size is beyond this kernel, -2 when a length or block id is out of range
+ * (checked before anything is read). */
 int lowrank_cpu_paged_decode(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
                              int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
-                             int64_t D, int64_t block_size, int64_t window, float scale, float *out, int threads)
+                             int64_t D, int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out,
+                             int threads)
 {
     if (Hkv <= 0 || Hq % Hkv || Hq / Hkv > MAX_GROUP || D > MAX_HEAD_DIM || D % LANES) return -1;
+    if (check_tables(block_tables, table_stride, context_lens, B, block_size, num_blocks)) return -2;
     const int64_t G = Hq / Hkv, token_stride = Hkv * D, block_stride = block_size * token_stride;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t pair = 0; pair < B * Hkv; pair++) {
@@ -72,7 +121,7 @@ int lowrank_cpu_paged_decode(const float *q, const float *k_cache, const float *
         const int64_t first = window > 0 && len > window ? len - window : 0;
         const int32_t *table = block_tables + b * table_stride;
         const float *qg = q + (b * Hq + h * G) * D;
-        float m[MAX_GROUP], l[MAX_GROUP], p[MAX_GROUP][CHUNK];
+        float m[MAX_GROUP], l[MAX_GROUP], p[MAX_GROUP][CHUNK] __attribute__((aligned(64)));
         float acc[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64)));
         const float *values[CHUNK];
         for (int64_t g = 0; g < G; g++) {
@@ -83,17 +132,28 @@ int lowrank_cpu_paged_decode(const float *q, const float *k_cache, const float *
         for (int64_t start = first; start < len; start += CHUNK) {
             const int64_t n = len - start < CHUNK ? len - start : CHUNK;
             for (int64_t c = 0; c < n; c++) {  /* scores of the chunk's keys, read in place */
-                const int64_t j = start + c;
-                const int64_t at = (int64_t)table[j / block_size] * block_stride + (j % block_size) * token_stride + h * D;
+                const int64_t j = start + c, ahead = j + PREFETCH_KEYS;
+                if (ahead < len) {  /* the cache is scattered and cold (weights stream between layers): fetch ahead */
+                    const int64_t next = slot(table, ahead, block_size, block_stride, token_stride) + h * D;
+                    for (int64_t d = 0; d < D; d += LANES) {
+                        __builtin_prefetch(k_cache + next + d, 0, 0);
+                        __builtin_prefetch(v_cache + next + d, 0, 0);
+                    }
+                }
+                const int64_t at = slot(table, j, block_size, block_stride, token_stride) + h * D;
                 values[c] = v_cache + at;
                 for (int64_t g = 0; g < G; g++) p[g][c] = dot(qg + g * D, k_cache + at, D) * scale;
             }
-            for (int64_t g = 0; g < G; g++) {  /* online softmax: rescale once, one exp per score */
+            for (int64_t g = 0; g < G; g++) {  /* online softmax: rescale once, exponentials 16 at a time */
                 float m_new = m[g];
                 for (int64_t c = 0; c < n; c++) m_new = p[g][c] > m_new ? p[g][c] : m_new;
                 const float rescale = expf(m[g] - m_new);
+                for (int64_t c = 0; c < n; c += LANES) {
+                    vec *scores = (vec *)(p[g] + c);
+                    *scores = exp_nonpositive(*scores - m_new);
+                }
                 float sum = 0.0f;
-                for (int64_t c = 0; c < n; c++) sum += p[g][c] = expf(p[g][c] - m_new);
+                for (int64_t c = 0; c < n; c++) sum += p[g][c];
                 l[g] = l[g] * rescale + sum;
                 m[g] = m_new;
                 scale_add(acc + g * D, rescale, values[0], p[g][0], D);

@@ -44,17 +44,14 @@ def native_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     batch, hq, d = q.shape
     if tables.shape[0] != batch or lens.shape[0] != batch:
         raise ValueError(f"{batch} queries, {tables.shape[0]} block tables, {lens.shape[0]} context lengths")
-    longest, capacity = int(lens.max()), tables.shape[1] * k_cache.shape[1]
-    if int(lens.min()) < 0 or longest > capacity:  # the kernel reads blocks through the tables unchecked
-        raise ValueError(f"context lengths {int(lens.min())}..{longest} outside the {capacity} slots the "
-                         f"block tables reach")
-    if int(tables.min()) < 0 or int(tables.max()) >= k_cache.shape[0]:
-        raise ValueError(f"block tables name blocks outside the cache's {k_cache.shape[0]}")
     out = torch.empty_like(q)
     status = cpu_native.library().lowrank_cpu_paged_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
-        batch, hq, k_cache.shape[2], d, k_cache.shape[1], sliding_window or 0, 1.0 / math.sqrt(d), out.data_ptr(),
-        torch.get_num_threads())
+        batch, hq, k_cache.shape[2], d, k_cache.shape[1], k_cache.shape[0], sliding_window or 0, 1.0 / math.sqrt(d),
+        out.data_ptr(), torch.get_num_threads())
+    if status == -2:  # the kernel checks the tables before reading through them
+        raise ValueError(f"context lengths {lens.tolist()} or their blocks lie outside the block tables "
+                         f"({tables.shape[1]} blocks of {k_cache.shape[1]}) or the cache's {k_cache.shape[0]} blocks")
     if status != 0:  # unreachable after native_decode_applies; kept so a size mismatch never passes silently
         raise ValueError(f"the native decode kernel does not take {hq} query heads over {k_cache.shape[2]} KV heads "
                          f"of size {d}")

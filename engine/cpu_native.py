@@ -31,7 +31,7 @@ _p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {  # name -> (argument types, return type)
     "lowrank_cpu_linear": ([_p, _i64, _i64, _p, _i64, _p, _p, _int], None),
     "lowrank_cpu_lowrank": ([_p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _p, _int], None),
-    "lowrank_cpu_paged_decode": ([_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int],
+    "lowrank_cpu_paged_decode": ([_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int],
                                  _int),
 }
 
