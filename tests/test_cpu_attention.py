@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from conftest import dense_attention_ref, shuffled_paged_pools
+from engine import cpu_native
 from engine.attention import AttentionContext, cached_attention
 from engine.cpu_attention import native_decode_applies, native_paged_decode
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+pytestmark = [pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler"),
+              pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",
+                                 reason=f"{cpu_native.DISABLE_ENV}=0 turns the native kernels off")]
 
 LENGTHS = {
     "one-token": [1],

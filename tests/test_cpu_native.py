@@ -65,6 +65,7 @@ def test_a_library_that_does_not_load_raises(tmp_path):
 
 
 def test_library_warns_once_and_returns_none_when_the_build_fails(tmp_path, monkeypatch):
+    monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
     monkeypatch.setenv("CC", "definitely-not-a-compiler")
     monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path))
     cpu_native.library.cache_clear()
