@@ -1,4 +1,4 @@
-"""Builds the engine's C kernels (cpu_gemm.c, cpu_attention.c) with the system C compiler once per
+"""Builds the engine's C kernels (cpu_gemm.c, cpu_attention.c, cpu_elementwise.c) with the system C compiler once per
 machine and loads them with ctypes.
 
 Why compiled C kernels and not Triton: Triton has no CPU backend (its interpreter runs numpy),
@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.c", "cpu_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.c", "cpu_attention.c", "cpu_elementwise.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 CACHE_ENV = "LOWRANK_CACHE_DIR"
 DISABLE_ENV = "LOWRANK_NATIVE_CPU"  # "0" serves CPU linears through oneDNN instead
@@ -31,6 +31,8 @@ _p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {  # name -> (argument types, return type)
     "lowrank_cpu_linear": ([_p, _i64, _i64, _p, _i64, _p, _p, _int], None),
     "lowrank_cpu_lowrank": ([_p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _p, _int], None),
+    "lowrank_cpu_rmsnorm": ([_p, _p, _i64, _i64, _f32, _p, _int], None),
+    "lowrank_cpu_rope": ([_p, _p, _p, _i64, _i64, _i64, _p, _int], None),
     "lowrank_cpu_paged_decode": ([_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int],
                                  _int),
 }

@@ -12,6 +12,7 @@ from torch import nn
 
 from .attention import AttentionContext, cached_attention, causal_attention, latent_cached_attention
 from .config import ModelConfig
+from .cpu_elementwise import native_elementwise_available, rope
 from .cpu_gemm import PackedWeight, can_pack, pack, packed_linear
 from .layers import Linear, LowRankLinear, RMSNorm, SwiGLU
 from .rope import RotaryEmbedding, apply_rope
@@ -28,6 +29,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache for this layer
         self.inv_freq: torch.Tensor | None = None  # set by `use_latent_kv`: keys are rebuilt and rotated there
+        self.native_rope = False  # one native call per rotation (engine.cpu_elementwise) on the CPU serving path
 
     @property
     def latent(self) -> bool:
@@ -47,7 +49,7 @@ class Attention(nn.Module):
         return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        q = apply_rope(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # (T, Hq, hd)
+        q = self._rotate(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)  # (T, Hq, hd)
         if self.latent:
             cached = self.k_proj.down(x), self.v_proj.down(x)  # (T, r_k), (T, r_v)
         else:
@@ -64,7 +66,10 @@ class Attention(nn.Module):
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projected k, v [T, kv_size] -> (rotated keys, values), each [T, Hkv, hd]."""
         shape = (self.num_kv_heads, self.head_dim)
-        return apply_rope(k.unflatten(-1, shape), cos, sin), v.unflatten(-1, shape)
+        return self._rotate(k.unflatten(-1, shape), cos, sin), v.unflatten(-1, shape)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rope(x, cos, sin) if self.native_rope else apply_rope(x, cos, sin)
 
     def _cached_attention(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if not self.latent:
@@ -127,7 +132,8 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def pack_for_cpu(self) -> bool:
-        """Run every projection and the head through a packed CPU GEMM (`engine.cpu_gemm`).
+        """The CPU serving path: every projection and the head through a packed CPU GEMM
+        (`engine.cpu_gemm`), norms and RoPE through the native kernels where they are built.
 
         Returns False, changing nothing, where that is not possible (not CPU, a dtype no CPU
         kernel takes). A tied head keeps its embedding table for lookups,
@@ -142,6 +148,12 @@ class CausalLM(nn.Module):
                 module.pack_for_cpu()
         if self.lm_head is None:
             self.packed_head = pack(self.model.embed_tokens.weight)
+        if native_elementwise_available(self.model.embed_tokens.weight.dtype):
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.native = True
+                elif isinstance(module, Attention):
+                    module.native_rope = True
         return True
 
     def use_latent_kv(self) -> None:

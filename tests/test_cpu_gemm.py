@@ -160,6 +160,8 @@ def test_packed_model_gives_the_same_logits(name, tmp_path):
     before = model.forward_sequences(seqs)
     assert model.pack_for_cpu()
     assert (model.packed_head is not None) == TINY[name].tie_word_embeddings
+    native = cpu_native.library() is not None  # then norms and RoPE run natively too, checked here as a whole
+    assert model.model.norm.native == native and model.model.layers[0].self_attn.native_rope == native
     for got, want in zip(model.forward_sequences(seqs), before):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
