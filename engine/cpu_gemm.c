@@ -9,9 +9,10 @@
  *
  * Weight layout ("panels"): W [N, K] is stored as ceil(N/16) panels of [K][16] floats, panel p
  * holding output columns 16p..16p+15 (zero-padded past N), so the inner loop reads the weight as
- * one contiguous stream. Each panel computes up to 16 rows at a time into 16 vector accumulators
+ * one contiguous stream. At decode sizes a tile is 16 rows x 1 panel in 16 vector accumulators
  * (one per row, one lane per output column): per k, one vector load of the weight and one FMA per
- * row with x[m][k] broadcast. Panels are split across OpenMP threads (the runtime torch uses).
+ * row with x[m][k] broadcast; above 16 rows it is 8 rows x 2 panels, in 128-row blocks. Tiles are
+ * split across OpenMP threads (the runtime torch uses).
  *
  * Built and loaded by engine/cpu_native.py; packing and dispatch are in engine/cpu_gemm.py.
  */

@@ -4,9 +4,10 @@ Two kernels, chosen per weight by `pack`:
 
 - `native` (float32): our C kernel (engine/cpu_gemm.c, built by `engine.cpu_native`). It serves a
   factorised layer as one fused call, (x·Bᵀ)·Aᵀ with the rank-r intermediate kept in cache, where
-  oneDNN makes two calls of ~16 µs fixed cost each. On the 2-core EPYC we measure on, over
-  SmolLM2's 210 projections of its SoCo 0.4 compression at 16 rows: 17.6 ms vs 28.0 ms through
-  oneDNN; dense ones 25.0 ms vs 29.0 ms, and equal at prefill sizes.
+  oneDNN makes two calls of ~16 µs fixed cost each. On the 2-core EPYC we measure on
+  (bench/results/cpu-kernels-cpu.md, 4 SmolLM2 layers at 16 rows): factorised at a 0.4
+  compression's ranks 1.85 ms vs 2.93 ms through oneDNN, dense 2.69 ms vs 3.59 ms, and within a
+  few percent of oneDNN at prefill sizes.
 - `onednn` (float32 where the native kernel cannot be built; bfloat16 where the CPU has bf16):
   oneDNN's inner product on a weight reordered into its blocked layout
   (`mkldnn._reorder_linear_weight` / `mkldnn._linear_pointwise`, the ops Inductor emits for
