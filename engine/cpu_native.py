@@ -42,6 +42,10 @@ class BuildError(RuntimeError):
     """The C kernel could not be compiled or loaded here."""
 
 
+class CacheError(BuildError):
+    """The cache folder cannot be written."""
+
+
 def cache_dir() -> Path:
     base = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                       "lowrank-engine")
@@ -81,7 +85,7 @@ def build(compiler: str | None = None, directory: Path | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".tmp-so", dir=directory)
         os.close(fd)
     except OSError as e:
-        raise BuildError(f"cannot write to the kernel cache {directory}: {e}") from e
+        raise CacheError(f"cannot write to the kernel cache {directory}: {e}") from e
     try:  # compile beside the target, then rename: a crash never leaves a half-written library
         result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True,
                                 text=True, timeout=300)
@@ -111,12 +115,18 @@ def load(path: Path) -> ctypes.CDLL:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The kernel library, built on first use; None (after one warning) where it cannot be."""
+    """The kernel library, built on first use; None (after one warning) where it cannot be.
+
+    A cache folder that cannot be written (a read-only home) falls back to the temp folder.
+    """
     if os.environ.get(DISABLE_ENV, "1").strip() == "0":
         return None
     try:
-        return load(build())
+        try:
+            return load(build())
+        except CacheError:
+            return load(build(directory=Path(tempfile.gettempdir()) / f"lowrank-engine-{os.getuid()}"))
     except BuildError as e:
-        warnings.warn(f"native CPU GEMM unavailable, serving CPU linears through oneDNN: {e}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"native CPU kernels unavailable, serving CPU linears through oneDNN and the rest "
+                      f"through torch: {e}", RuntimeWarning, stacklevel=2)
         return None

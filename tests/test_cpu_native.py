@@ -48,6 +48,22 @@ def test_an_unwritable_cache_raises_a_build_error(tmp_path):
 
 
 @needs_compiler
+def test_an_unwritable_cache_falls_back_to_the_temp_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.delenv(cpu_native.DISABLE_ENV, raising=False)
+    monkeypatch.setenv(cpu_native.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is not None
+        assert any((tmp_path / "tmp").glob("lowrank-engine-*/cpu_kernels-*.so"))
+    finally:
+        cpu_native.library.cache_clear()
+
+
+@needs_compiler
 def test_the_built_library_is_readable_by_everyone(tmp_path):
     assert cpu_native.build(directory=tmp_path).stat().st_mode & 0o555 == 0o555
 
