@@ -32,7 +32,7 @@ class AttentionContext:
     block_tables: torch.Tensor | None = None  # int32 [batch, max_blocks], padded with 0
     context_lens: tuple[int, ...] | None = None  # tokens per sequence once this step's are added
     reads_cache: bool = False  # some sequence attends to keys computed in an earlier step
-    context_lens_tensor: torch.Tensor | None = None  # int32 [batch] on the device (static decode buffers)
+    context_lens_tensor: torch.Tensor | None = None  # the same lengths, int32 [batch] on the device
 
     @classmethod
     def from_lengths(cls, lengths: list[int] | tuple[int, ...], device: torch.device | str) -> AttentionContext:

@@ -75,12 +75,14 @@ class ModelRunner:
         query_lens = batch.num_new_tokens
         reads_cache = any(s.num_computed_tokens > 0 for s in batch.seqs)
         base = AttentionContext.from_lengths(query_lens, self.device)
+        context_lens = tuple(s.num_computed_tokens + n for s, n in zip(batch.seqs, query_lens))
         ctx = AttentionContext(
             cu_seqlens=base.cu_seqlens, seqlens=base.seqlens, max_seqlen=base.max_seqlen,
             slot_mapping=self._to_device(slots, torch.long),
             block_tables=self._block_tables(batch) if reads_cache else None,
-            context_lens=tuple(s.num_computed_tokens + n for s, n in zip(batch.seqs, query_lens)),
-            reads_cache=reads_cache,
+            context_lens=context_lens, reads_cache=reads_cache,
+            # on the device once per step, not copied again by every layer's kernel call
+            context_lens_tensor=self._to_device(list(context_lens), torch.int32) if reads_cache else None,
         )
         ends, total = [], 0
         for n, samples in zip(query_lens, batch.samples):
