@@ -15,7 +15,7 @@ import torch
 
 from . import cpu_native
 
-MAX_GROUP, MAX_HEAD_DIM, LANES = 32, 256, 16  # as in cpu_attention.c
+MAX_GROUP, MAX_HEAD_DIM, LANES = 32, 256, 16  # cpu_attention.c: LANES is 8 or 16 by ISA; 16 suits both
 
 
 def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

@@ -25,45 +25,67 @@
 #define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
 #define PREFETCH 32 /* weight rows (of 16 floats: one cache line) fetched ahead of the FMAs */
 
-typedef float vec __attribute__((vector_size(PANEL * sizeof(float))));
-typedef float vec_unaligned __attribute__((vector_size(PANEL * sizeof(float)), aligned(sizeof(float))));
+/* The host's vector register (LANES floats) and rows per tile: the accumulators (rows x vectors
+ * per panel row), the panel row and one broadcast must fit the registers, or every FMA goes
+ * through the stack. Measured on a 2-core Zen 3 (AVX2) at 16 x 1536 x 576: the AVX-512 tile
+ * (16 rows, as 32 accumulators of 8 floats) ran at 10 GFLOP/s, 6 rows at ~120. No two-panel
+ * tiles below AVX-512 (TWO_PANEL_ROWS 0): 2 rows x 2 panels would be bound by its loads. */
+#if defined(__AVX512F__)
+#define LANES 16 /* 32 zmm registers */
+#define ONE_PANEL_ROWS 16
+#define TWO_PANEL_ROWS 8
+#elif defined(__AVX__)
+#define LANES 8 /* 16 ymm registers, two per panel row */
+#define ONE_PANEL_ROWS 6
+#define TWO_PANEL_ROWS 0
+#else
+#define LANES 4 /* SSE's 16 xmm or NEON's 32 q registers, four per panel row */
+#if defined(__aarch64__)
+#define ONE_PANEL_ROWS 6
+#else
+#define ONE_PANEL_ROWS 3
+#endif
+#define TWO_PANEL_ROWS 0
+#endif
+#define VECTORS (PANEL / LANES) /* registers per panel row */
+
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+typedef float vec_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
 
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
  * rows. ROWS and TILES are compile-time constants at every call site, so the accumulators live in
- * registers: 16 rows x 1 panel at decode sizes (the weight streamed once), 8 rows x 2 panels at
- * prefill sizes (each broadcast of x feeds two FMAs: 10 loads per 16 FMAs instead of 17). */
+ * registers (they are never address-taken): at decode sizes one panel (the weight streamed
+ * once), with AVX-512 8 rows x 2 panels at prefill sizes (each broadcast of x feeds two FMAs:
+ * 10 loads per 16 FMAs instead of 17). */
 static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const float *x,
                                                             int64_t ldx, int64_t K, const float *panel, float *y,
                                                             int64_t ldy, int cols, const float *bias)
 {
-    vec acc[MAX_ROWS][MAX_TILES];
+    vec acc[MAX_ROWS][MAX_TILES * VECTORS];
     for (int m = 0; m < ROWS; m++)
-        for (int t = 0; t < TILES; t++) acc[m][t] = (vec){0};
+        for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] = (vec){0};
     for (int64_t k = 0; k < K; k++) {
-        vec w[MAX_TILES];
+        vec w[MAX_TILES * VECTORS];
         for (int t = 0; t < TILES; t++) {
             const float *row = panel + t * K * PANEL + PANEL * k;
             __builtin_prefetch(row + PANEL * PREFETCH, 0, 0);
-            w[t] = *(const vec_unaligned *)row;
+            for (int v = 0; v < VECTORS; v++) w[t * VECTORS + v] = *(const vec_unaligned *)(row + LANES * v);
         }
         for (int m = 0; m < ROWS; m++) {
             const float xm = x[m * ldx + k];
-            for (int t = 0; t < TILES; t++) acc[m][t] += xm * w[t];
+            for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * w[v];
         }
     }
     for (int t = 0; t < TILES && PANEL * t < cols; t++) {
         const int width = cols - PANEL * t < PANEL ? cols - PANEL * t : PANEL;
-        if (bias) {
-            vec b = {0};
-            memcpy(&b, bias + PANEL * t, sizeof(float) * width);
-            for (int m = 0; m < ROWS; m++) acc[m][t] += b;
-        }
+        float b[PANEL] = {0};
+        if (bias) memcpy(b, bias + PANEL * t, sizeof(float) * width);
         for (int m = 0; m < ROWS; m++) {
-            float *out = y + m * ldy + PANEL * t;
-            if (width == PANEL)
-                *(vec_unaligned *)out = acc[m][t];
-            else
-                memcpy(out, &acc[m][t], sizeof(float) * width);
+            float *out = y + m * ldy + PANEL * t, tail[PANEL];
+            float *dst = width == PANEL ? out : tail;  /* a partial panel goes through `tail` */
+            for (int v = 0; v < VECTORS; v++)
+                *(vec_unaligned *)(dst + LANES * v) = acc[m][t * VECTORS + v] + *(const vec_unaligned *)(b + LANES * v);
+            if (width < PANEL) memcpy(out, tail, sizeof(float) * width);
         }
     }
 }
@@ -73,22 +95,22 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
 static void tile_all_rows(const int tiles, const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel,
                           float *y, int64_t ldy, int cols, const float *bias)
 {
-    const int64_t block = MAX_ROWS / tiles;
+    const int64_t block = tiles == 2 ? TWO_PANEL_ROWS : ONE_PANEL_ROWS;
     int64_t m = 0;
     for (; m + block <= M; m += block) {
-        if (tiles == 2)
-            tile_rows(MAX_ROWS / 2, 2, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias);
+        if (TWO_PANEL_ROWS && tiles == 2)
+            tile_rows(TWO_PANEL_ROWS, 2, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias);
         else
-            tile_rows(MAX_ROWS, 1, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias);
+            tile_rows(ONE_PANEL_ROWS, 1, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias);
     }
     const float *xr = x + m * ldx;
     float *yr = y + m * ldy;
-    switch (M - m) {  /* below `block` rows: under 8 with two panels, under 16 with one */
+    switch (M - m) {  /* below `block` rows */
 #define REMAINDER(n)                                                                                      \
     case n:                                                                                               \
-        if (tiles == 2)                                                                                   \
-            tile_rows(n, 2, xr, ldx, K, panel, yr, ldy, cols, bias);                                      \
-        else                                                                                              \
+        if (TWO_PANEL_ROWS && tiles == 2) {  /* constant conditions: no tile wider than the registers */  \
+            if (n < TWO_PANEL_ROWS) tile_rows(n, 2, xr, ldx, K, panel, yr, ldy, cols, bias);               \
+        } else if (n < ONE_PANEL_ROWS)                                                                    \
             tile_rows(n, 1, xr, ldx, K, panel, yr, ldy, cols, bias);                                      \
         break;
     REMAINDER(1) REMAINDER(2) REMAINDER(3) REMAINDER(4) REMAINDER(5) REMAINDER(6) REMAINDER(7)
@@ -107,7 +129,7 @@ static void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const
                         int64_t ldy, const float *bias)
 {
     const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const int64_t step = M > MAX_ROWS ? 2 : 1, tiles = (panels + step - 1) / step;  /* panels per tile */
+    const int64_t step = TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1, tiles = (panels + step - 1) / step;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t r = 0; r < row_blocks; r++) {
         for (int64_t t = 0; t < tiles; t++) {
