@@ -20,6 +20,19 @@ def _run(*cmd: str) -> str:
         return ""
 
 
+def _cpu() -> str:
+    """'AMD EPYC, x86_64, AVX2': the model and the widest vector extension (the native kernels' tiles follow it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags_line.group(1).split()) if flags_line else set()
+    vector = next((name.upper() for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "")
+    return ", ".join(part for part in ((model.group(1).strip() if model else ""), platform.machine(), vector) if part)
+
+
 def environment() -> dict[str, str]:
     import torch
     import triton
@@ -27,7 +40,7 @@ def environment() -> dict[str, str]:
     cuda = torch.cuda.is_available()
     driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else ""
     return {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({_cpu()}, {torch.get_num_threads()} threads)",
         "driver": driver or "n/a",
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "n/a",
         "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain", "--untracked-files=no") else ""),

@@ -15,21 +15,13 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Lanes per vector: the host's register width, so no vector spans two registers (with 16 lanes on
- * AVX2 each operation went through the stack: 18 ms per SmolLM2 decode step at batch 16 on a
- * Zen 3, against ~4 ms with 8). */
-#if defined(__AVX512F__)
-#define LANES 16
-#else
-#define LANES 8
-#endif
+#include "cpu_kernels.h"
+
 #define MAX_GROUP 32      /* query heads per KV head */
 #define MAX_HEAD_DIM 256
 #define CHUNK 32          /* keys scored together: one softmax rescale per chunk, one exp per score */
 #define PREFETCH_KEYS 8   /* keys ahead whose K and V rows are fetched while this one is scored */
 
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-typedef float vec_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
 #if defined(__clang__) || __GNUC__ >= 12  /* __builtin_shufflevector: halve in registers */
 typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
@@ -45,8 +37,10 @@ static inline float sum_lanes(vec v)  /* a tree of halvings: log2(LANES) depende
 #if LANES == 16
     return sum8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-#else
+#elif LANES == 8
     return sum8(v);
+#else
+    return (v[0] + v[2]) + (v[1] + v[3]);
 #endif
 }
 #else  /* older GCC: the same tree through memory (about 2x slower attention) */
@@ -75,8 +69,6 @@ static inline void scale_add(float *acc, float a, const float *v, float b, int64
     }
 }
 
-typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
-
 /* Offset of token j's row in a cache [blocks, block_size, Hkv, D] through a block table. */
 static inline int64_t slot(const int32_t *table, int64_t j, int64_t block_size, int64_t block_stride,
                            int64_t token_stride)
@@ -84,30 +76,8 @@ static inline int64_t slot(const int32_t *table, int64_t j, int64_t block_size, 
     return (int64_t)table[j / block_size] * block_stride + (j % block_size) * token_stride;
 }
 
-/* e^x for x <= 0 (scores minus their running max), LANES at once: Cephes' expf (2^n times a
- * degree-6 polynomial on |r| <= ln2/2), within 2 ulp; below -87 (e^x < 2^-126) it gives ~1e-38. */
-static inline vec exp_nonpositive(vec x)
-{
-    const vec lowest = x - x - 87.0f;
-    const ivec low = x < lowest;
-    x = (vec)(((ivec)x & ~low) | ((ivec)lowest & low));
-    const vec shifter = x - x + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
-    const vec t = x * 1.44269504088896341f + shifter;
-    const vec n = t - shifter;
-    const vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const ivec two_n = ((ivec)t - (ivec)shifter + 127) << 23;  /* 2^n from n's integer bits */
-    return p * (vec)two_n;
-}
-
-/* Every block a sequence reads lies in the cache and every length within its table: 0, else -2. */
-static int check_tables(const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B,
-                        int64_t block_size, int64_t num_blocks)
+int check_tables(const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B,
+                 int64_t block_size, int64_t num_blocks)
 {
     for (int64_t b = 0; b < B; b++) {
         const int64_t len = context_lens[b];
@@ -120,17 +90,17 @@ static int check_tables(const int32_t *block_tables, int64_t table_stride, const
     return 0;
 }
 
-/* Returns 0; -1 when a size is beyond this kernel, -2 when a length or block id is out of range
- * (checked before anything is read). */
-int lowrank_cpu_paged_decode(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
-                             int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
-                             int64_t D, int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out,
-                             int threads)
+int paged_decode_supports(int64_t Hq, int64_t Hkv, int64_t D)
 {
-    if (Hkv <= 0 || Hq % Hkv || Hq / Hkv > MAX_GROUP || D > MAX_HEAD_DIM || D % LANES) return -1;
-    if (check_tables(block_tables, table_stride, context_lens, B, block_size, num_blocks)) return -2;
+    return Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP && D <= MAX_HEAD_DIM && D % LANES == 0;
+}
+
+void paged_decode_shared(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
+                         int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t D, int64_t block_size, int64_t window, float scale, float *out)
+{
     const int64_t G = Hq / Hkv, token_stride = Hkv * D, block_stride = block_size * token_stride;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t pair = 0; pair < B * Hkv; pair++) {
         const int64_t b = pair / Hkv, h = pair % Hkv, len = context_lens[b];
         const int64_t first = window > 0 && len > window ? len - window : 0;
@@ -181,5 +151,19 @@ int lowrank_cpu_paged_decode(const float *q, const float *k_cache, const float *
             for (int64_t d = 0; d < D; d++) o[d] = acc[g * D + d] * inv;
         }
     }
+}
+
+/* Returns 0; -1 when a size is beyond this kernel, -2 when a length or block id is out of range
+ * (checked before anything is read). */
+int lowrank_cpu_paged_decode(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
+                             int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
+                             int64_t D, int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out,
+                             int threads)
+{
+    if (!paged_decode_supports(Hq, Hkv, D)) return -1;
+    if (check_tables(block_tables, table_stride, context_lens, B, block_size, num_blocks)) return -2;
+#pragma omp parallel num_threads(threads)
+    paged_decode_shared(q, k_cache, v_cache, block_tables, table_stride, context_lens, B, Hq, Hkv, D, block_size,
+                        window, scale, out);
     return 0;
 }

@@ -19,38 +19,31 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
+
 #define PANEL 16
 #define MAX_ROWS 16
 #define MAX_TILES 2 /* adjacent panels per tile at prefill sizes */
 #define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
 #define PREFETCH 32 /* weight rows (of 16 floats: one cache line) fetched ahead of the FMAs */
 
-/* The host's vector register (LANES floats) and rows per tile: the accumulators (rows x vectors
- * per panel row), the panel row and one broadcast must fit the registers, or every FMA goes
- * through the stack. Measured on a 2-core Zen 3 (AVX2) at 16 x 1536 x 576: the AVX-512 tile
- * (16 rows, as 32 accumulators of 8 floats) ran at 10 GFLOP/s, 6 rows at ~120. No two-panel
- * tiles below AVX-512 (TWO_PANEL_ROWS 0): 2 rows x 2 panels would be bound by its loads. */
-#if defined(__AVX512F__)
-#define LANES 16 /* 32 zmm registers */
+/* Rows per tile: the accumulators (rows x vectors per panel row), the panel row and one broadcast
+ * must fit the vector registers (LANES, cpu_kernels.h). Measured on a 2-core Zen 3 (AVX2) at
+ * 16 x 1536 x 576: the AVX-512 tile (16 rows, as 32 accumulators of 8 floats) ran at 10 GFLOP/s,
+ * 6 rows at ~120. No two-panel tiles below AVX-512 (TWO_PANEL_ROWS 0): 2 rows x 2 panels would be
+ * bound by its loads. */
+#if LANES == 16
 #define ONE_PANEL_ROWS 16
 #define TWO_PANEL_ROWS 8
-#elif defined(__AVX__)
-#define LANES 8 /* 16 ymm registers, two per panel row */
-#define ONE_PANEL_ROWS 6
-#define TWO_PANEL_ROWS 0
+#elif LANES == 8 || defined(__aarch64__)
+#define ONE_PANEL_ROWS 6 /* 16 ymm with AVX2, 32 q registers with NEON */
 #else
-#define LANES 4 /* SSE's 16 xmm or NEON's 32 q registers, four per panel row */
-#if defined(__aarch64__)
-#define ONE_PANEL_ROWS 6
-#else
-#define ONE_PANEL_ROWS 3
+#define ONE_PANEL_ROWS 3 /* SSE: 16 xmm, 4 per panel row */
 #endif
+#ifndef TWO_PANEL_ROWS
 #define TWO_PANEL_ROWS 0
 #endif
 #define VECTORS (PANEL / LANES) /* registers per panel row */
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-typedef float vec_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
 
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
  * rows. ROWS and TILES are compile-time constants at every call site, so the accumulators live in
@@ -125,8 +118,8 @@ static void tile_all_rows(const int tiles, const float *x, int64_t ldx, int64_t 
  * parallel region, the (row block, panel) tiles shared among its threads (implicit barrier at the
  * end). Up to ROW_BLOCK rows the threads split the panels; beyond, each thread takes whole row
  * blocks, whose rows stay in its L2 while the panels stream past. */
-static void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const float *packed, int64_t N, float *y,
-                        int64_t ldy, const float *bias)
+void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const float *packed, int64_t N, float *y,
+                 int64_t ldy, const float *bias)
 {
     const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     const int64_t step = TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1, tiles = (panels + step - 1) / step;

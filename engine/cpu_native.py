@@ -1,5 +1,5 @@
-"""Builds the engine's C kernels (cpu_gemm.c, cpu_attention.c, cpu_elementwise.c) with the system C compiler once per
-machine and loads them with ctypes.
+"""Builds the engine's C kernels (cpu_gemm.c, cpu_attention.c, cpu_elementwise.c, cpu_decoder.c) with the system C
+compiler once per machine and loads them with ctypes.
 
 Why compiled C kernels and not Triton: Triton has no CPU backend (its interpreter runs numpy),
 and what torch calls on CPU (oneDNN, MKL, SDPA over gathered copies) is slow at the small sizes
@@ -22,7 +22,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.c", "cpu_attention.c", "cpu_elementwise.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.c", "cpu_attention.c", "cpu_elementwise.c",
+                                                            "cpu_decoder.c"))
+HEADERS = (Path(__file__).with_name("cpu_kernels.h"),)  # part of the cache key, not compiled alone
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 CACHE_ENV = "LOWRANK_CACHE_DIR"
 DISABLE_ENV = "LOWRANK_NATIVE_CPU"  # "0" serves CPU linears through oneDNN instead
@@ -35,6 +37,7 @@ SIGNATURES = {  # name -> (argument types, return type)
     "lowrank_cpu_rope": ([_p, _p, _p, _i64, _i64, _i64, _p, _int], None),
     "lowrank_cpu_paged_decode": ([_p, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _p, _int],
                                  _int),
+    "lowrank_cpu_decoder_layer": ([_p, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _int], _int),
 }
 
 
@@ -74,7 +77,7 @@ def build(compiler: str | None = None, directory: Path | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"{compiler} --version failed: {e}") from e
-    sources = [p.read_text() for p in SOURCES]
+    sources = [p.read_text() for p in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*sources, compiler, version, *FLAGS, _cpu_flags()]).encode())
     directory = directory or cache_dir()
     target = directory / f"cpu_kernels-{key.hexdigest()[:16]}.so"

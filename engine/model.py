@@ -12,6 +12,7 @@ from torch import nn
 
 from .attention import AttentionContext, cached_attention, causal_attention, latent_cached_attention
 from .config import ModelConfig
+from .cpu_decoder import NativeDecoderLayer
 from .cpu_elementwise import native_elementwise_available, rope
 from .cpu_gemm import PackedWeight, can_pack, pack, packed_linear
 from .layers import Linear, LowRankLinear, RMSNorm, SwiGLU
@@ -86,8 +87,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, config.sliding_windows[layer_idx])
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.native: NativeDecoderLayer | None = None  # decode steps as one native call, once `pack_for_cpu` ran
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.native is not None and self.native.applies(x, ctx):
+            return self.native.decode(x, cos, sin, ctx)  # x is updated in place
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -133,7 +137,8 @@ class CausalLM(nn.Module):
 
     def pack_for_cpu(self) -> bool:
         """The CPU serving path: every projection and the head through a packed CPU GEMM
-        (`engine.cpu_gemm`), norms and RoPE through the native kernels where they are built.
+        (`engine.cpu_gemm`), norms and RoPE through the native kernels where they are built, and
+        each layer's decode step as one native call (`engine.cpu_decoder`) where it takes the layer.
 
         Returns False, changing nothing, where that is not possible (not CPU, a dtype no CPU
         kernel takes). A tied head keeps its embedding table for lookups,
@@ -154,6 +159,8 @@ class CausalLM(nn.Module):
                     module.native = True
                 elif isinstance(module, Attention):
                     module.native_rope = True
+            for layer in self.model.layers:
+                layer.native = NativeDecoderLayer.build(layer)
         return True
 
     def use_latent_kv(self) -> None:
