@@ -12,6 +12,7 @@ import torch
 from kernels import decode_kernel_applies, latent_decode_kernel_applies, uses_triton
 
 from .attention import AttentionContext
+from .cpu_memory import keep_freed_memory
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import allocate_kv_cache
 from .model import CausalLM
@@ -25,6 +26,8 @@ class ModelRunner:
         self.model, self.block_size, self.sampler = model, block_size, sampler
         self.device = model.device
         probe = model.model.embed_tokens.weight[:1]
+        if self.device.type == "cpu":
+            keep_freed_memory()  # large activations from reused heap memory, not fresh pages (engine.cpu_memory)
         if self.device.type == "cpu" and not uses_triton(probe):
             model.pack_for_cpu()  # packed CPU GEMMs (engine.cpu_gemm); under TRITON_INTERPRET the kernels stay the subject
         # One block more than the block manager hands out: padded graph rows write there.
