@@ -9,10 +9,13 @@
  *
  * Weight layout ("panels"): W [N, K] is stored as ceil(N/16) panels of [K][16] floats, panel p
  * holding output columns 16p..16p+15 (zero-padded past N), so the inner loop reads the weight as
- * one contiguous stream. At decode sizes a tile is 16 rows x 1 panel in 16 vector accumulators
- * (one per row, one lane per output column): per k, one vector load of the weight and one FMA per
- * row with x[m][k] broadcast; above 16 rows it is 8 rows x 2 panels, in 128-row blocks. Tiles are
- * split across OpenMP threads (the runtime torch uses).
+ * one contiguous stream. A tile is R rows x 1 panel held in vector accumulators (one lane per
+ * output column): per k, one load of the panel's 16 weights and one FMA per row and register with
+ * x[m][k] broadcast. R is what the host's vector registers hold (ONE_PANEL_ROWS below): 16 with
+ * AVX-512, where tiles above 16 rows are 8 rows x 2 panels; 6 with AVX2, a panel row taking two
+ * of its 16 registers. The row tiles of a panel run back to back, so it comes from DRAM once and
+ * from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
+ * runtime torch uses). The native decoder layer (cpu_decoder.c) calls `gemm_shared` directly.
  *
  * Built and loaded by engine/cpu_native.py; packing and dispatch are in engine/cpu_gemm.py.
  */

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-from conftest import save_tiny_model, shuffled_paged_pools
-from engine import cpu_native, load_model
+from conftest import save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
+from engine import LLM, SamplingParams, cpu_native, load_model
 from engine.attention import AttentionContext
 from engine.cpu_decoder import NativeDecoderLayer
 from engine.layers import LowRankLinear
@@ -149,3 +149,22 @@ def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tmp_path
         model(ids, positions, bad)
     for pool, saved in zip(pools, before):
         torch.testing.assert_close(pool, saved, equal_nan=True, atol=0, rtol=0)
+
+
+def test_the_engine_decodes_through_the_native_layers(tmp_path, torch_kernels):
+    save_tiny_model(CONFIGS["llama-gqa"], tmp_path)
+    save_tiny_tokenizer(tmp_path, VOCAB)
+    llm = LLM(tmp_path, dtype=torch.float32, device="cpu", kv_cache_memory=1 << 22)
+    layers = llm.model.model.layers
+    assert all(layer.native is not None for layer in layers)
+    prompts = [[5, 6, 7], list(range(10, 40)), [3]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    native = llm.generate(prompts, params, use_tqdm=False)
+    for layer in layers:
+        layer.native = None
+    per_op = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(native, per_op):
+        assert a.token_ids == b.token_ids
+        got = [lp[t] for lp, t in zip(a.outputs[0].logprobs, a.token_ids)]
+        want = [lp[t] for lp, t in zip(b.outputs[0].logprobs, b.token_ids)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
