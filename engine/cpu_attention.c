@@ -21,6 +21,7 @@
 #define MAX_HEAD_DIM 256
 #define CHUNK 32          /* keys scored together: one softmax rescale per chunk, one exp per score */
 #define PREFETCH_KEYS 8   /* keys ahead whose K and V rows are fetched while this one is scored */
+#define LINE_FLOATS 16    /* floats per 64-byte cache line */
 
 #if defined(__clang__) || __GNUC__ >= 12  /* __builtin_shufflevector: halve in registers */
 typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
@@ -69,11 +70,28 @@ static inline void scale_add(float *acc, float a, const float *v, float b, int64
     }
 }
 
-/* Offset of token j's row in a cache [blocks, block_size, Hkv, D] through a block table. */
-static inline int64_t slot(const int32_t *table, int64_t j, int64_t block_size, int64_t block_stride,
-                           int64_t token_stride)
+/* A walk through a sequence's keys in order: the row of key j in a cache [blocks, block_size, Hkv,
+ * D] through its block table, with no division per key (two 64-bit divisions per key took ~1/5 of
+ * a batch-16 SmolLM2 decode step's attention on a Zen 3). */
+typedef struct {
+    const int32_t *table;
+    int64_t block, offset, block_size, block_stride, token_stride;
+} key_cursor;
+
+static inline key_cursor cursor_at(const int32_t *table, int64_t j, int64_t block_size, int64_t block_stride,
+                                   int64_t token_stride)
 {
-    return (int64_t)table[j / block_size] * block_stride + (j % block_size) * token_stride;
+    return (key_cursor){table, j / block_size, j % block_size, block_size, block_stride, token_stride};
+}
+
+static inline int64_t cursor_next(key_cursor *c) /* the current key's row offset; then step to the next key */
+{
+    const int64_t at = (int64_t)c->table[c->block] * c->block_stride + c->offset * c->token_stride;
+    if (++c->offset == c->block_size) {
+        c->offset = 0;
+        c->block++;
+    }
+    return at;
 }
 
 int check_tables(const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B,
@@ -109,6 +127,8 @@ void paged_decode_shared(const float *q, const float *k_cache, const float *v_ca
         float m[MAX_GROUP], l[MAX_GROUP], p[MAX_GROUP][CHUNK] __attribute__((aligned(64)));
         float acc[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64)));
         const float *values[CHUNK];
+        key_cursor key = cursor_at(table, first, block_size, block_stride, token_stride);
+        key_cursor ahead = cursor_at(table, first + PREFETCH_KEYS, block_size, block_stride, token_stride);
         for (int64_t g = 0; g < G; g++) {
             m[g] = -INFINITY;
             l[g] = 0.0f;
@@ -117,15 +137,15 @@ void paged_decode_shared(const float *q, const float *k_cache, const float *v_ca
         for (int64_t start = first; start < len; start += CHUNK) {
             const int64_t n = len - start < CHUNK ? len - start : CHUNK;
             for (int64_t c = 0; c < n; c++) {  /* scores of the chunk's keys, read in place */
-                const int64_t j = start + c, ahead = j + PREFETCH_KEYS;
-                if (ahead < len) {  /* the cache is scattered and cold (weights stream between layers): fetch ahead */
-                    const int64_t next = slot(table, ahead, block_size, block_stride, token_stride) + h * D;
-                    for (int64_t d = 0; d < D; d += LANES) {
+                if (start + c + PREFETCH_KEYS < len) {  /* the cache is scattered and cold (weights stream
+                                                         * between layers): fetch ahead, a line at a time */
+                    const int64_t next = cursor_next(&ahead) + h * D;
+                    for (int64_t d = 0; d < D; d += LINE_FLOATS) {
                         __builtin_prefetch(k_cache + next + d, 0, 0);
                         __builtin_prefetch(v_cache + next + d, 0, 0);
                     }
                 }
-                const int64_t at = slot(table, j, block_size, block_stride, token_stride) + h * D;
+                const int64_t at = cursor_next(&key) + h * D;
                 values[c] = v_cache + at;
                 for (int64_t g = 0; g < G; g++) p[g][c] = dot(qg + g * D, k_cache + at, D) * scale;
             }
