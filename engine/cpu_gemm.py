@@ -6,7 +6,7 @@ Two kernels, chosen per weight by `pack`:
   factorised layer as one fused call, (x·Bᵀ)·Aᵀ with the rank-r intermediate kept in cache, where
   oneDNN makes two calls of ~16 µs fixed cost each. On the 2-core AVX2 Zen 3 we measure on
   (bench/results/cpu-kernels-cpu.md, 4 SmolLM2 layers at 16 rows): factorised at a 0.4
-  compression's ranks 5.28 ms vs 10.22 ms through oneDNN, dense 7.12 ms vs 11.86 ms, and within a
+  compression's ranks 4.67 ms vs 9.75 ms through oneDNN, dense 5.74 ms vs 11.93 ms, and within a
   few percent of oneDNN at prefill sizes (an AVX-512 EPYC gave 1.85 / 2.93 and 2.69 / 3.59 ms).
 - `onednn` (float32 where the native kernel cannot be built; bfloat16 where the CPU has bf16):
   oneDNN's inner product on a weight reordered into its blocked layout
