@@ -18,6 +18,12 @@ from . import cpu_native
 MAX_GROUP, MAX_HEAD_DIM, LANES = 32, 256, 16  # cpu_attention.c: LANES is 8 or 16 by ISA; 16 suits both
 
 
+def heads_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the native kernel takes these head counts and head size (paged_decode_supports in C)."""
+    return (head_dim % LANES == 0 and head_dim <= MAX_HEAD_DIM and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= MAX_GROUP)
+
+
 def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the native kernel takes a decode step with queries q [B, Hq, D] over this cache."""
     hq, d = q.shape[1], q.shape[2]
@@ -25,8 +31,7 @@ def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
             and k_cache.shape == v_cache.shape and k_cache.shape[3] == d and k_cache.is_contiguous()
             and v_cache.is_contiguous()
-            and d % LANES == 0 and d <= MAX_HEAD_DIM and hq % hkv == 0 and hq // hkv <= MAX_GROUP
-            and cpu_native.library() is not None)
+            and heads_supported(hq, hkv, d) and cpu_native.library() is not None)
 
 
 def native_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -39,12 +39,10 @@ typedef struct {
 /* y [M, N] = x [M, K] through a dense or factorised projection; `low` [M, R] holds x·Bᵀ. */
 static void linear_shared(const cpu_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *low, float *y)
 {
-    if (l->rank) {
-        gemm_shared(x, K, M, K, l->down, l->rank, low, l->rank, 0);
-        gemm_shared(low, l->rank, M, l->rank, l->up, N, y, N, l->bias);
-    } else {
+    if (l->rank)
+        lowrank_shared(x, M, K, l->down, l->rank, l->up, N, l->bias, low, y);
+    else
         gemm_shared(x, K, M, K, l->weight, N, y, N, l->bias);
-    }
 }
 
 static void add_shared(float *x, const float *y, int64_t T, int64_t C) /* x += y, row by row */

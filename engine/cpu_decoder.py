@@ -19,7 +19,7 @@ import torch
 
 from . import cpu_native
 from .attention import AttentionContext
-from .cpu_attention import LANES, MAX_GROUP, MAX_HEAD_DIM
+from .cpu_attention import heads_supported
 from .cpu_gemm import PackedWeight
 from .layers import Linear, LowRankLinear
 
@@ -67,8 +67,7 @@ class NativeDecoderLayer:
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         if cpu_native.library() is None or attn.latent or any(n.dtype != torch.float32 for n in norms):
             return None
-        group, d = attn.num_heads // attn.num_kv_heads, attn.head_dim
-        if attn.num_heads % attn.num_kv_heads or group > MAX_GROUP or d % LANES or d > MAX_HEAD_DIM:
+        if not heads_supported(attn.num_heads, attn.num_kv_heads, attn.head_dim):
             return None
         projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                        mlp.down_proj]
@@ -77,7 +76,7 @@ class NativeDecoderLayer:
             return None
         description = _Layer(*described, norms[0].data_ptr(), norms[1].data_ptr(), layer.input_layernorm.eps,
                              attn.q_proj.in_features, mlp.gate_proj.out_features, attn.num_heads,
-                             attn.num_kv_heads, d, attn.sliding_window or 0)
+                             attn.num_kv_heads, attn.head_dim, attn.sliding_window or 0)
         return cls(layer, description)
 
     @staticmethod

@@ -152,14 +152,18 @@ void lowrank_cpu_linear(const float *x, int64_t M, int64_t K, const float *packe
     gemm_shared(x, K, M, K, packed, N, y, N, bias);
 }
 
+void lowrank_shared(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R, const float *packed_a,
+                    int64_t N, const float *bias, float *scratch, float *y)
+{
+    gemm_shared(x, K, M, K, packed_b, R, scratch, R, 0);  /* its implicit barrier: scratch is whole */
+    gemm_shared(scratch, R, M, R, packed_a, N, y, N, bias);
+}
+
 /* y [M, N] = (x [M, K] · Bᵀ) · Aᵀ + bias with B [R, K], A [N, R] packed; scratch [M, R] holds
  * x·Bᵀ between the two phases (one parallel region, a barrier between them). */
 void lowrank_cpu_lowrank(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R,
                          const float *packed_a, int64_t N, const float *bias, float *scratch, float *y, int threads)
 {
 #pragma omp parallel num_threads(threads)
-    {
-        gemm_shared(x, K, M, K, packed_b, R, scratch, R, 0);
-        gemm_shared(scratch, R, M, R, packed_a, N, y, N, bias);
-    }
+    lowrank_shared(x, M, K, packed_b, R, packed_a, N, bias, scratch, y);
 }

@@ -48,6 +48,10 @@ static inline vec exp_nonpositive(vec x)
 HIDDEN void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const float *packed, int64_t N, float *y,
                         int64_t ldy, const float *bias);
 
+/* y [M, N] = (x [M, K] · Bᵀ) · Aᵀ + bias, B [R, K] and A [N, R] packed; scratch [M, R] holds x·Bᵀ. */
+HIDDEN void lowrank_shared(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R,
+                           const float *packed_a, int64_t N, const float *bias, float *scratch, float *y);
+
 /* The paged decode attention over (sequence, KV head) pairs; the tables already checked. */
 HIDDEN void paged_decode_shared(const float *q, const float *k_cache, const float *v_cache,
                                 const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,
