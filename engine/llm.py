@@ -116,6 +116,7 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         ids = self.encode(prompt)
+        params.check_vocab(self.vocab_size)
         return self._submit(prompt if isinstance(prompt, str) else None, ids, params)
 
     def _submit(self, prompt: str | None, ids: list[int], params: SamplingParams) -> int:
@@ -182,6 +183,8 @@ class LLM:
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         params = _per_prompt(sampling_params, len(batch))
         encoded = [self.encode(p) for p in batch]  # every prompt checked before any is scheduled
+        for sp in params:
+            sp.check_vocab(self.vocab_size)
         ids = [self._submit(p if isinstance(p, str) else None, e, sp) for p, e, sp in zip(batch, encoded, params)]
         return self._run_to_completion(ids, use_tqdm)
 

@@ -49,6 +49,11 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Ids must index the model's logits: the sampler bans stop ids by indexing them."""
+        if bad := [t for t in self.stop_token_ids if t >= vocab_size]:
+            raise ValueError(f"stop_token_ids must be ids below the vocabulary size {vocab_size}, got {bad[:5]}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

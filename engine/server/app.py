@@ -256,7 +256,7 @@ class _Handlers:
         self._check_model(body.model)
         prompts, texts = self._completion_prompts(body.prompt)
         max_tokens = min(self._check_length(ids, body.max_tokens, "prompt") for ids in prompts)
-        params = body.sampling_params(max_tokens, body.logprobs)
+        params = body.sampling_params(max_tokens, body.logprobs, self.vocab_size)
         rid, n = f"cmpl-{uuid.uuid4().hex}", params.n
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name}
         if body.stream:
@@ -316,7 +316,8 @@ class _Handlers:
         self._check_model(body.model)
         ids = self._chat_prompt(body)
         max_tokens = self._check_length(ids, body.max_completion_tokens or body.max_tokens, "messages")
-        params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                                      self.vocab_size)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.name}

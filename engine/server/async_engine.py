@@ -29,12 +29,17 @@ class Event:
     delta: StreamDelta | None = None
     output: RequestOutput | None = None
     message: str = ""
+    status: int = 500  # an error's HTTP status: 500 for a failure of ours, 503 when shutdown cut the request
 
 
 @dataclass(eq=False)
 class _Listener:
+    """One handler's request, as the engine thread knows it. The handler holds it from the moment it
+    posts the add, so it can abort by this handle before it has learnt the engine's request id."""
+
     deliver: Callable[[Event], None]
     submitted: float
+    request_id: int | None = None  # set on the engine thread when the add is accepted
 
 
 class AsyncEngine:
@@ -63,24 +68,34 @@ class AsyncEngine:
 
     # -- handlers' side --------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
-        """Events of one request until its "done" (or "error"); leaving early aborts the request."""
+        """Events of one request until its "done" (or "error"); leaving early, even before the engine
+        has accepted the request, aborts it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        accepted: asyncio.Future[int] = loop.create_future()
+        accepted: asyncio.Future[None] = loop.create_future()
+
+        def post(callback: Callable[[], None]) -> None:
+            try:
+                loop.call_soon_threadsafe(callback)
+            except RuntimeError:  # that handler's event loop is closed: nobody is listening
+                pass
 
         def deliver(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            post(lambda: events.put_nowait(event))
 
-        def answer(request_id: int | None, error: Exception | None) -> None:
+        def answer(error: Exception | None) -> None:
             def settle() -> None:
                 if not accepted.done():
-                    accepted.set_exception(error) if error else accepted.set_result(request_id)
-            loop.call_soon_threadsafe(settle)
+                    accepted.set_exception(error) if error else accepted.set_result(None)
+            post(settle)
 
-        self._commands.put(("add", prompt_ids, params, deliver, answer))
-        request_id = await accepted  # a rejected request raises its ValueError here
+        listener = _Listener(deliver, time.perf_counter())
+        self._commands.put(("add", listener, prompt_ids, params, answer))
         finished = False
         try:
+            # Inside the try: a handler cancelled while the engine is mid-step (the add not yet
+            # answered) still sends the abort, which the engine applies right after the add.
+            await accepted  # a rejected request raises its ValueError here
             while True:
                 event = await events.get()
                 finished = event.kind != "delta"
@@ -89,7 +104,7 @@ class AsyncEngine:
                     return
         finally:
             if not finished:  # the client went away (or the handler failed): free the blocks
-                self._commands.put(("abort", request_id))
+                self._commands.put(("abort", listener))
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -98,7 +113,7 @@ class AsyncEngine:
             if self.llm.has_unfinished():
                 try:
                     self._step()
-                except Exception:  # keep serving: fail the requests in flight, not the process
+                except Exception:  # the batch's forward pass failed: no single request is to blame
                     traceback.print_exc(file=sys.stderr)
                     self._fail_all("internal error while generating; the request was aborted")
             elif self._stop.is_set():
@@ -118,37 +133,54 @@ class AsyncEngine:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
-            _, prompt_ids, params, deliver, answer = command
+            _, listener, prompt_ids, params, answer = command
             try:
-                request_id = self.llm.add_request(prompt_ids, params)
+                listener.request_id = self.llm.add_request(prompt_ids, params)
             except ValueError as exc:
-                answer(None, exc)
+                answer(exc)
                 return
-            self._listeners[request_id] = _Listener(deliver, time.perf_counter())
+            self._listeners[listener.request_id] = listener
             self.metrics.prompt_tokens += len(prompt_ids) * params.n
-            answer(request_id, None)
+            answer(None)
         elif command[0] == "abort":
-            request_id = command[1]
-            if self._listeners.pop(request_id, None) is not None:
-                self.llm.abort(request_id)
+            listener = command[1]
+            if listener.request_id is not None and self._listeners.get(listener.request_id) is listener:
+                del self._listeners[listener.request_id]
+                self.llm.abort(listener.request_id)
                 self._update_gauges()
 
     def _step(self) -> None:
-        finished = []
+        finished: dict[int, None] = {}  # request ids in order, each once: n > 1 completions can end together
         for request_id, delta in self.llm.step_deltas():
             listener = self._listeners.get(request_id)
             if listener is None:
                 continue
-            listener.deliver(Event("delta", delta=delta))
-            self.metrics.generation_tokens += len(delta.token_ids)
-            if delta.finish_reason is not None and self.llm.is_finished(request_id):
-                finished.append(request_id)
+            try:
+                listener.deliver(Event("delta", delta=delta))
+                self.metrics.generation_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None and self.llm.is_finished(request_id):
+                    finished[request_id] = None
+            except Exception:
+                self._fail_one(request_id)
         for request_id in finished:
-            output = self.llm.pop_output(request_id)
-            listener = self._listeners.pop(request_id)
-            listener.deliver(Event("done", output=output))
-            self._observe(output, time.perf_counter() - listener.submitted)
+            if request_id not in self._listeners:
+                continue  # failed above
+            try:
+                output = self.llm.pop_output(request_id)
+                listener = self._listeners.pop(request_id)
+                listener.deliver(Event("done", output=output))
+                self._observe(output, time.perf_counter() - listener.submitted)
+            except Exception:
+                self._fail_one(request_id)
         self._update_gauges()
+
+    def _fail_one(self, request_id: int) -> None:
+        """A failure in one request's own bookkeeping: that request gets the error, the batch goes on."""
+        traceback.print_exc(file=sys.stderr)
+        listener = self._listeners.pop(request_id, None)
+        self.llm.abort(request_id)
+        if listener is not None:
+            listener.deliver(Event("error", message="internal error while handling this request; it was aborted"))
 
     def _observe(self, output: RequestOutput, latency: float) -> None:
         m = self.metrics

@@ -56,8 +56,9 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The engine's settings; an invalid value raises APIError(400) naming the field."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+        """The engine's settings, checked against the model's vocabulary; an invalid value raises
+        APIError(400) naming the field."""
         given: dict[str, Any] = {
             "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
             "stop": self.stop, "seed": self.seed, "presence_penalty": self.presence_penalty,
@@ -66,7 +67,9 @@ class _Sampling(BaseModel):
             "ignore_eos": self.ignore_eos, "stop_token_ids": self.stop_token_ids, "logprobs": logprobs,
         }
         try:
-            return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+            params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+            params.check_vocab(vocab_size)
+            return params
         except ValueError as exc:  # SamplingParams names the field first: "top_p must be in (0, 1], got 2.0"
             raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
 
