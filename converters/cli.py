@@ -141,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.no_prefix_caching:
         settings["enable_prefix_caching"] = False
     serve(resolve_model(args.model), host=args.host, port=args.port, served_model_name=args.served_model_name,
-          api_key=args.api_key, dtype=args.dtype, device=args.device, ratio=args.ratio, **settings)
+          api_key=args.api_key, dtype=args.dtype, device=args.device, ratio=args.ratio,
+          shutdown_grace=args.shutdown_grace, max_sequences_per_request=args.max_sequences_per_request, **settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's limit)")
     p.add_argument("--kv-cache-memory", type=int, help="bytes for the KV cache (default 1 GiB on CPU)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds SIGTERM / Ctrl-C waits for requests in flight before aborting them (default 30)")
+    p.add_argument("--max-sequences-per-request", type=int,
+                   help="prompts x n one request may ask for (default 256)")
     _add_model_options(p)
     p.set_defaults(run=cmd_serve)
     return parser

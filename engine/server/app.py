@@ -24,25 +24,35 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from .async_engine import AsyncEngine, Event
+from .async_engine import AsyncEngine, EngineClosed, Event
 from .protocol import APIError, ChatRequest, CompletionRequest
 
 MAX_BODY_BYTES = 8 << 20
+DEFAULT_MAX_SEQUENCES_PER_REQUEST = 256  # prompts x n: four full batches at the default max_num_seqs
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_len: int,
-              api_key: str | None = None) -> FastAPI:
-    """The app; the engine thread starts with the app and stops (after draining) when it shuts down."""
+              api_key: str | None = None, max_sequences_per_request: int | None = None) -> FastAPI:
+    """The app; the engine thread starts with the app and stops (after draining) when it shuts down.
+
+    `max_sequences_per_request` caps prompts x n of one request (default 256), so one request
+    cannot queue more work than the batch holds several times over and slow everyone else.
+    """
+    cap = DEFAULT_MAX_SEQUENCES_PER_REQUEST if max_sequences_per_request is None else max_sequences_per_request
+    if not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"max_sequences_per_request must be a positive integer, got {cap!r}")
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if not engine.alive:
             engine.start()
         yield
-        engine.shutdown()  # after uvicorn has drained the open responses
+        # After uvicorn has drained the open responses; in a worker thread, so the event loop stays
+        # free for any handler still finishing (the join waits out the engine's current step).
+        await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="lowrank-engine", lifespan=lifespan)
-    api = _Handlers(engine, tokenizer, served_model_name, max_model_len)
+    api = _Handlers(engine, tokenizer, served_model_name, max_model_len, cap)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -156,9 +166,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 class _Handlers:
-    def __init__(self, engine: AsyncEngine, tokenizer, served_model_name: str, max_model_len: int):
+    def __init__(self, engine: AsyncEngine, tokenizer, served_model_name: str, max_model_len: int,
+                 max_sequences_per_request: int):
         self.engine, self.tokenizer = engine, tokenizer
         self.name, self.max_model_len = served_model_name, max_model_len
+        self.max_sequences = max_sequences_per_request
         self.vocab_size = engine.llm.vocab_size
         self.created = int(time.time())
 
@@ -166,6 +178,14 @@ class _Handlers:
     def _check_model(self, model: str) -> None:
         if model != self.name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`", "model")
+
+    def _check_fanout(self, num_prompts: int, n: int) -> None:
+        """Checked before any prompt is tokenized: the cap bounds that work too."""
+        if num_prompts * n > self.max_sequences:
+            raise APIError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} "
+                                f"sequences; this server allows at most {self.max_sequences} per request "
+                                f"(--max-sequences-per-request): send fewer prompts or a smaller n",
+                           "n" if num_prompts <= self.max_sequences else "prompt")
 
     def _check_length(self, ids: list[int], max_tokens: int | None, param: str) -> int:
         """max_tokens to use; a prompt that leaves no room is a 400 quoting both lengths."""
@@ -190,7 +210,9 @@ class _Handlers:
             try:
                 async for event in self.engine.generate(ids, params):
                     await merged.put((index, event))
-            except ValueError as exc:  # rejected by the engine's own checks
+            except EngineClosed as exc:
+                await merged.put((index, APIError(503, str(exc))))
+            except ValueError as exc:  # rejected by the engine's own checks (the prompt's: all else is checked here)
                 await merged.put((index, APIError(400, str(exc), "prompt")))
             await merged.put((index, None))
 
@@ -204,7 +226,7 @@ class _Handlers:
                 elif isinstance(item, APIError):
                     raise item
                 elif item.kind == "error":
-                    raise APIError(500, item.message)
+                    raise APIError(item.status, item.message)
                 else:
                     yield index, item
         finally:
@@ -231,13 +253,14 @@ class _Handlers:
                 "total_tokens": prompt_tokens + completion_tokens}
 
     # -- /v1/completions ------------------------------------------------------------------------
-    def _completion_prompts(self, prompt) -> tuple[list[list[int]], list[str]]:
+    def _completion_prompts(self, prompt, n: int) -> tuple[list[list[int]], list[str]]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt is empty", "prompt")
         if all(isinstance(p, int) for p in prompt):
             prompt = [prompt]
+        self._check_fanout(len(prompt), n)
         ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
         texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompt]
         return ids, texts
@@ -254,7 +277,7 @@ class _Handlers:
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
-        prompts, texts = self._completion_prompts(body.prompt)
+        prompts, texts = self._completion_prompts(body.prompt, body.n)
         max_tokens = min(self._check_length(ids, body.max_tokens, "prompt") for ids in prompts)
         params = body.sampling_params(max_tokens, body.logprobs, self.vocab_size)
         rid, n = f"cmpl-{uuid.uuid4().hex}", params.n
@@ -314,6 +337,7 @@ class _Handlers:
 
     async def chat(self, body: ChatRequest, request: Request):
         self._check_model(body.model)
+        self._check_fanout(1, body.n)
         ids = self._chat_prompt(body)
         max_tokens = self._check_length(ids, body.max_completion_tokens or body.max_tokens, "messages")
         params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,

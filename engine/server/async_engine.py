@@ -42,6 +42,13 @@ class _Listener:
     request_id: int | None = None  # set on the engine thread when the add is accepted
 
 
+class EngineClosed(Exception):
+    """The engine takes no more requests: the server is shutting down (answered with a 503)."""
+
+
+SHUTTING_DOWN = "the server is shutting down; the request was aborted"
+
+
 class AsyncEngine:
     def __init__(self, llm: LLM, metrics: Metrics | None = None):
         self.llm = llm
@@ -50,17 +57,25 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[int, _Listener] = {}
         self._stop = threading.Event()
+        self._closed: str | None = None  # close()'s message, once closed
         self._thread = threading.Thread(target=self._run, name="lowrank-engine", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
+    def close(self, message: str = SHUTTING_DOWN) -> None:
+        """Abort every request in flight with a 503 `message` event, and refuse new ones: the end of a
+        server's grace period. Safe to call from any thread, more than once."""
+        self._commands.put(("close", message))
+
     def shutdown(self) -> None:
-        """Finish what is in flight, then stop the thread (uvicorn calls this after draining HTTP)."""
+        """Close (anything still running is aborted and told why), then stop the thread. Joined, so the
+        process never exits with the thread inside torch (glibc then aborts: "terminate called ...")."""
+        self.close()
         self._stop.set()
-        self._commands.put(("wake",))
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=120)  # one engine step, however long its prefill
 
     @property
     def alive(self) -> bool:
@@ -95,7 +110,7 @@ class AsyncEngine:
         try:
             # Inside the try: a handler cancelled while the engine is mid-step (the add not yet
             # answered) still sends the abort, which the engine applies right after the add.
-            await accepted  # a rejected request raises its ValueError here
+            await accepted  # a rejected request raises its ValueError (EngineClosed once closed) here
             while True:
                 event = await events.get()
                 finished = event.kind != "delta"
@@ -134,6 +149,9 @@ class AsyncEngine:
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
             _, listener, prompt_ids, params, answer = command
+            if self._closed is not None:
+                answer(EngineClosed(self._closed))
+                return
             try:
                 listener.request_id = self.llm.add_request(prompt_ids, params)
             except ValueError as exc:
@@ -148,6 +166,9 @@ class AsyncEngine:
                 del self._listeners[listener.request_id]
                 self.llm.abort(listener.request_id)
                 self._update_gauges()
+        elif command[0] == "close":
+            self._closed = command[1]
+            self._fail_all(command[1], status=503)
 
     def _step(self) -> None:
         finished: dict[int, None] = {}  # request ids in order, each once: n > 1 completions can end together
@@ -202,9 +223,9 @@ class AsyncEngine:
         m.kv_cache_bytes_per_token = self.llm.kv_cache_bytes_per_token
         m.num_preemptions = scheduler.num_preemptions
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int = 500) -> None:
         for request_id, listener in list(self._listeners.items()):
-            listener.deliver(Event("error", message=message))
+            listener.deliver(Event("error", message=message, status=status))
             self.llm.abort(request_id)
         self._listeners.clear()
         self._update_gauges()

@@ -1,0 +1,215 @@
+"""`lowrank serve` under faults (tests/server_harness.py runs the servers): one request never fails
+another, every abandoned request is aborted, shutdown is bounded and tells each open stream, work per
+request is bounded; then a randomized mix of clients that disconnect at every stage."""
+
+import http.client
+import json
+import random
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from server_harness import (  # noqa: F401 (pytest finds fixtures by name, their dependencies too)
+    LONG_LEN, Server, assert_error, get, post,
+    tiny_dir, tokenizer, spawn, _server_logs_on_failure,
+)
+
+CAP = 16  # --max-sequences-per-request of the servers here
+
+
+@pytest.fixture(scope="module")
+def busy_server(tiny_dir, tmp_path_factory):
+    """Long context (streams that outlive the faults around them), a small per-request cap."""
+    s = Server(tiny_dir, tmp_path_factory.mktemp("logs") / "faults.log", "--served-model-name", "tiny",
+               "--max-model-len", str(LONG_LEN), "--kv-cache-memory", str(8 << 20),
+               "--max-sequences-per-request", str(CAP))
+    yield s
+    s.stop()
+
+
+def open_stream(port: int, path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, json.dumps(body | {"stream": True}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    return conn, response
+
+
+def read_events(response: http.client.HTTPResponse, limit: int | None = None) -> list:
+    """SSE events as parsed JSON, "[DONE]" as the string; stops after `limit` events or at the end."""
+    events = []
+    while limit is None or len(events) < limit:
+        line = response.fp.readline()
+        if not line:
+            break
+        if line.startswith(b"data: "):
+            payload = line[6:].strip().decode()
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+            if payload == "[DONE]":
+                break
+    return events
+
+
+def stream_text(events: list) -> dict[int, tuple[str, str | None]]:
+    """{choice index: (joined text, finish reason)} of a completion or chat stream."""
+    out: dict[int, tuple[str, str | None]] = {}
+    for e in events:
+        for c in e.get("choices", []) if isinstance(e, dict) else []:
+            text = c.get("text", (c.get("delta") or {}).get("content") or "") or ""
+            old_text, old_reason = out.get(c["index"], ("", None))
+            out[c["index"]] = (old_text + text, c["finish_reason"] or old_reason)
+    return out
+
+
+def wait_for_idle(server: Server, timeout: float = 20.0) -> dict[str, float]:
+    """Nothing running or waiting, every KV block free."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert get(server.port, "/health")[0] == 200
+        m = server.metrics()
+        if (m["lowrank:num_requests_running"], m["lowrank:num_requests_waiting"],
+                m["lowrank:kv_cache_usage_perc"]) == (0, 0, 0.0):
+            return m
+        time.sleep(0.05)
+    pytest.fail(f"server still busy after {timeout} s: {m}")
+
+
+def long_stream_beside(server: Server, max_tokens: int = 1500):
+    """Start a long greedy stream; returns (thread, result dict) whose "events" appear when it ends."""
+    result: dict = {}
+    conn, response = open_stream(server.port, "/v1/completions", {
+        "model": "tiny", "prompt": "t5 t7", "max_tokens": max_tokens, "ignore_eos": True,
+        "stream_options": {"include_usage": True}})
+    result["first"] = read_events(response, 1)
+
+    def rest():
+        result["events"] = result["first"] + read_events(response)
+        conn.close()
+
+    thread = threading.Thread(target=rest)
+    thread.start()
+    return thread, result
+
+
+def assert_full_stream(result: dict, max_tokens: int) -> None:
+    events = result["events"]
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict)), events[-3:]
+    (_, reason), = stream_text(events).values()
+    assert reason == "length" and events[-2]["usage"]["completion_tokens"] == max_tokens
+
+
+# -- defect 1: one request's handling never fails another ------------------------------------
+
+def test_n_2_requests_ending_together_do_not_cut_a_stream_beside_them(busy_server):
+    """Half the vocabulary stops, so both sampled completions of some request end in one step: the
+    engine used to raise KeyError there and abort every request in flight, this stream included."""
+    thread, result = long_stream_beside(busy_server)
+    for seed in range(24):
+        status, body = post(busy_server.port, "/v1/completions", {
+            "model": "tiny", "prompt": "t5 t6", "n": 2, "max_tokens": 5, "temperature": 1, "seed": seed,
+            "stop_token_ids": list(range(2, 50))})
+        assert status == 200 and len(body["choices"]) == 2, body
+    thread.join(timeout=60)
+    assert_full_stream(result, 1500)
+    wait_for_idle(busy_server)
+
+
+def test_out_of_vocabulary_stop_ids_are_a_400_and_cut_nothing(busy_server):
+    thread, result = long_stream_beside(busy_server, 600)
+    for path, body in [("/v1/completions", {"prompt": "t5 t6"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}]})]:
+        error = assert_error(*post(busy_server.port, path, body | {
+            "model": "tiny", "max_tokens": 5, "min_tokens": 3, "stop_token_ids": [3, 97]}), 400, "stop_token_ids")
+        assert "97" in error["message"]
+    thread.join(timeout=60)
+    assert_full_stream(result, 600)
+
+
+# -- defect 2: every abandoned request is aborted --------------------------------------------
+
+def send_and_close(port: int, body: dict) -> None:
+    """A raw client that sends a whole request and leaves at once, before any answer."""
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_clients_that_leave_right_after_sending_are_aborted(busy_server, stream):
+    """Under load (a stream beside them keeps the engine stepping) the handler waits a whole step for
+    its request to be accepted: a client gone in that window left an orphan running to max_tokens."""
+    thread, result = long_stream_beside(busy_server, 800)
+    before = busy_server.metrics()["lowrank:generation_tokens_total"]
+    for _ in range(10):
+        send_and_close(busy_server.port, {"model": "tiny", "prompt": "t5 t6", "max_tokens": 3000,
+                                          "ignore_eos": True, "stream": stream})
+    thread.join(timeout=60)
+    assert_full_stream(result, 800)
+    after = wait_for_idle(busy_server, timeout=15)
+    orphans = after["lowrank:generation_tokens_total"] - before - 800
+    assert orphans < 3000, f"{orphans} tokens generated for clients that had left"
+
+
+# -- defect 6: bounded work per request -------------------------------------------------------
+
+def test_prompts_times_n_over_the_cap_is_a_400_quoting_the_numbers(busy_server):
+    body = {"model": "tiny", "prompt": ["t5"] * 2000, "n": 64, "max_tokens": 2}
+    error = assert_error(*post(busy_server.port, "/v1/completions", body), 400, "prompt")
+    assert all(str(x) in error["message"] for x in (2000, 64, 128000, CAP))
+    body = {"model": "tiny", "prompt": ["t5"] * 5, "n": 4, "max_tokens": 2}
+    assert "20" in assert_error(*post(busy_server.port, "/v1/completions", body), 400, "n")["message"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "t5"}], "n": CAP + 1, "max_tokens": 2}
+    assert_error(*post(busy_server.port, "/v1/chat/completions", chat), 400, "n")
+    status, ok = post(busy_server.port, "/v1/completions", body | {"prompt": ["t5"] * 4})  # 4 x 4 = the cap
+    assert status == 200 and len(ok["choices"]) == CAP
+
+
+# -- defect 3: shutdown drains within a bound, tells every stream, exits 0 --------------------
+
+GRACE_S = 1.5
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_aborts_what_outlives_the_grace_period_and_tells_each_client(tiny_dir, spawn, sig):
+    """A short stream finishes; a long stream and a long plain request are cut at the grace period, the
+    stream with an error event then [DONE], the plain one with a 503; the process exits 0 soon after."""
+    s = spawn(tiny_dir, "--served-model-name", "tiny", "--max-model-len", str(LONG_LEN),
+              "--kv-cache-memory", str(8 << 20), "--shutdown-grace", str(GRACE_S))
+    results: dict = {}
+
+    def stream(name: str, max_tokens: int) -> None:
+        conn, response = open_stream(s.port, "/v1/completions", {"model": "tiny", "prompt": "t5 t7",
+                                                                 "max_tokens": max_tokens, "ignore_eos": True})
+        results[name] = read_events(response)
+        conn.close()
+
+    def plain() -> None:
+        results["plain"] = post(s.port, "/v1/completions", {"model": "tiny", "prompt": "t8", "max_tokens": 4000,
+                                                            "ignore_eos": True})
+
+    threads = [threading.Thread(target=stream, args=("short", 100)), threading.Thread(target=stream,
+               args=("long", 4000)), threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while s.metrics()["lowrank:num_requests_running"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    start = time.monotonic()
+    s.proc.send_signal(sig)
+    code = s.proc.wait(timeout=GRACE_S + 20)
+    took = time.monotonic() - start
+    for t in threads:
+        t.join(timeout=10)
+    log = s.log_text()
+    assert code == 0, f"exit {code} on {sig.name}:\n{log}"
+    assert took < GRACE_S + 6, f"{took:.1f} s to exit with a grace period of {GRACE_S} s"
+    assert "Traceback" not in log and "terminate called" not in log, log
+    short, long = results["short"], results["long"]
+    assert short[-1] == "[DONE]" and stream_text(short)[0][1] == "length"
+    assert long[-1] == "[DONE]" and "shutting down" in long[-2]["error"]["message"], long[-3:]
+    assert len(stream_text(long)[0][0].split()) < 3000
+    assert "shutting down" in assert_error(*results["plain"], 503)["message"]
