@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_STOP_STRINGS = 4  # as OpenAI's API allows
+MAX_STOP_CHARS = 1024  # per stop string: each costs its length per completion to prepare
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -42,12 +45,14 @@ class SamplingParams:
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs",
              "None or an integer in [0, 20]"),
             (isinstance(self.n, int) and 1 <= self.n <= 64, "n", "an integer in [1, 64]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
+            (len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS
+                                                        for s in self.stop),
+             "stop", f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "ids >= 0"),
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be {expected}, got {_shown(getattr(self, name))}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Ids must index the model's logits: the sampler bans stop ids by indexing them."""
@@ -57,3 +62,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _shown(value, limit: int = 200) -> str:
+    """The value's repr for an error message, cut short: a 600 kB stop string is not echoed back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"

@@ -213,3 +213,15 @@ def test_shutdown_aborts_what_outlives_the_grace_period_and_tells_each_client(ti
     assert long[-1] == "[DONE]" and "shutting down" in long[-2]["error"]["message"], long[-3:]
     assert len(stream_text(long)[0][0].split()) < 3000
     assert "shutting down" in assert_error(*results["plain"], 503)["message"]
+
+
+# -- defect 4: stop strings are bounded (and matched in linear time: tests/test_detokenizer.py) --
+
+@pytest.mark.parametrize("stop", [["t5", "t6", "t7", "t8", "t9"], ["t5 " * 200_000], [""]])
+def test_too_many_or_too_long_stop_strings_are_a_400(busy_server, stop):
+    """A 600 kB stop string once stalled every client for seconds a step; the error does not echo it."""
+    for path, body in [("/v1/completions", {"prompt": "t5 t6"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}]})]:
+        error = assert_error(*post(busy_server.port, path, body | {"model": "tiny", "max_tokens": 2, "stop": stop}),
+                             400, "stop")
+        assert "at most 4" in error["message"] and len(error["message"]) < 500
