@@ -45,6 +45,9 @@ class SamplingParams:
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs",
              "None or an integer in [0, 20]"),
             (isinstance(self.n, int) and 1 <= self.n <= 64, "n", "an integer in [1, 64]"),
+            # torch seeds are 64-bit; completion j of n draws from seed + j, which stays below 2**64
+            (self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63), "seed",
+             "None or an integer in [-2**63, 2**63)"),
             (len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS
                                                         for s in self.stop),
              "stop", f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),

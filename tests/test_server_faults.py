@@ -225,3 +225,34 @@ def test_too_many_or_too_long_stop_strings_are_a_400(busy_server, stop):
         error = assert_error(*post(busy_server.port, path, body | {"model": "tiny", "max_tokens": 2, "stop": stop}),
                              400, "stop")
         assert "at most 4" in error["message"] and len(error["message"]) < 500
+
+
+# -- defect 5: what was a 500 is a 400 naming the field -----------------------------------------
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": [5, -1]}, "prompt"),
+    ("/v1/completions", {"prompt": [5, 2**70]}, "prompt"),
+    ("/v1/completions", {"prompt": [[5], [2**64]]}, "prompt"),
+    ("/v1/completions", {"prompt": "t5 \ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": ["t5", "t6 \udfff"]}, "prompt.1"),
+    ("/v1/completions", {"prompt": "t5", "stop": ["\ud800"]}, "stop.0"),
+    ("/v1/completions", {"prompt": "t5", "seed": 2**64}, "seed"),
+    ("/v1/completions", {"prompt": "t5", "seed": -2**63 - 1}, "seed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5 \ud800"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}], "seed": 2**64}, "seed"),
+])
+def test_bad_ids_surrogates_and_seeds_are_400s_naming_the_field(busy_server, path, body, param):
+    data = json.dumps({"model": "tiny", "max_tokens": 2} | body).encode()  # json escapes the surrogates
+    assert_error(*post(busy_server.port, path, data), 400, param)
+
+
+def test_a_lone_surrogate_in_the_model_name_is_a_400_not_a_crash(busy_server):
+    data = json.dumps({"model": "tiny\ud800", "prompt": "t5", "max_tokens": 2}).encode()
+    assert_error(*post(busy_server.port, "/v1/completions", data), 400, "model")
+
+
+def test_the_largest_seeds_work(busy_server):
+    for seed in (2**63 - 1, -2**63):
+        status, body = post(busy_server.port, "/v1/completions", {"model": "tiny", "prompt": "t5", "max_tokens": 2,
+                                                                  "n": 3, "seed": seed})
+        assert status == 200 and len(body["choices"]) == 3, body

@@ -56,20 +56,20 @@ def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
-        return JSONResponse(_validation_error(exc).body(), status_code=400)
+        return _validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+        return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception):
         traceback.print_exception(exc, file=sys.stderr)  # the operator sees it; the client never does
-        return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+        return APIError(500, "internal server error").response()
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=MAX_BODY_BYTES)
 
@@ -147,7 +147,7 @@ class _Guard:
 
 
 async def _reply(scope, receive, send, error: APIError) -> None:
-    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+    await error.response()(scope, receive, send)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -191,8 +191,6 @@ class _Handlers:
         """max_tokens to use; a prompt that leaves no room is a 400 quoting both lengths."""
         if not ids:
             raise APIError(400, "the prompt is empty: at least one token is needed", param)
-        if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
-            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param)
         room = self.max_model_len - len(ids)
         if max_tokens is None:
             max_tokens = room
@@ -261,6 +259,9 @@ class _Handlers:
         if all(isinstance(p, int) for p in prompt):
             prompt = [prompt]
         self._check_fanout(len(prompt), n)
+        for p in prompt:  # before anything decodes them: the tokenizer overflows on ids past 2**64
+            if not isinstance(p, str) and (bad := [t for t in p if not 0 <= t < self.vocab_size]):
+                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
         ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
         texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompt]
         return ids, texts

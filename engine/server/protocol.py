@@ -6,9 +6,12 @@ or by `SamplingParams`, and any failure becomes a 400 naming the field (`param`)
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..sampling_params import SamplingParams
 
@@ -26,6 +29,29 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "BadRequestError"),
                           "param": self.param, "code": self.status}}
+
+    def response(self) -> Response:
+        """As JSON in ASCII (escapes, never a UTF-8 encoder that fails on what a message quotes)."""
+        return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json")
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) holding a lone UTF-16 surrogate, which JSON's
+    \\ud800 escapes can carry but UTF-8 cannot: no tokenizer or response encoder takes one."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if (found := lone_surrogate_at(key, where) if isinstance(key, str) else None) or \
+                (found := lone_surrogate_at(item, where)):
+            return found
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -55,6 +81,14 @@ class _Sampling(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data: Any) -> Any:
+        """Raised as APIError, not ValueError: pydantic lets it through, so it keeps its own `param`."""
+        if (where := lone_surrogate_at(data)) is not None:
+            raise APIError(400, f"{where}: a string holds a lone UTF-16 surrogate (not valid Unicode text)", where)
+        return data
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
         """The engine's settings, checked against the model's vocabulary; an invalid value raises
