@@ -14,10 +14,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.loader import MANIFEST, weight_files
+from engine.loader import MANIFEST, open_weights, weight_files
 from engine.rank_budget import allocate_ranks, dense_rank, module_params
 
 from .atomic import atomic_folder
@@ -30,7 +29,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
+        with open_weights(file) as f:
             tensors |= {name: f.get_tensor(name) for name in f.keys()}
     return tensors
 

@@ -53,17 +53,37 @@ def cmd_pull(args: argparse.Namespace) -> None:
     pull(args.name, args.models_dir or models_dir())
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
+def writable_file(path: Path, option: str) -> Path:
+    """`path`, checked before the work whose result it will hold: its folder exists and is writable."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: cannot write there")
+    return path
 
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """A crash or Ctrl-C leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
     from engine import load_model
+    from engine.loader import load_tokenizer
     from engine.perplexity import load_text, perplexity
 
     path = resolve_model(args.model)
+    json_path = writable_file(Path(args.json), "--json") if args.json else None
     text_path = Path(args.text) if args.text else default_text()
     text = load_text(text_path, args.max_chars)
     model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     result = perplexity(model, ids, ctx=args.ctx, stride=args.ctx if args.stride is None else args.stride, batch_size=args.batch_size)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -72,9 +92,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"{result.scored_tokens} of {result.total_tokens} tokens scored in {result.windows} windows, "
         f"ctx {result.ctx}, stride {result.stride}, {dtype} on {model.device}, {result.seconds:.1f} s"
     )
-    if args.json:
+    if json_path:
         record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype}
-        Path(args.json).write_text(json.dumps(record | result.as_dict(), indent=2) + "\n")
+        write_text_atomically(json_path, json.dumps(record | result.as_dict(), indent=2) + "\n")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -145,8 +165,45 @@ def cmd_serve(args: argparse.Namespace) -> None:
           shutdown_grace=args.shutdown_grace, max_sequences_per_request=args.max_sequences_per_request, **settings)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and exit 2 like every other input error (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lowrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="fetch a registered model into models/NAME as an HF folder")
@@ -157,10 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out perplexity of a model folder")
     p.add_argument("model", help="model folder, or a pulled model's name")
     p.add_argument("--text", help="UTF-8 text file (default: ../shared/corpus/pydocs/valid.txt)")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--stride", type=int, help="tokens between window starts (default: ctx, disjoint windows)")
-    p.add_argument("--max-chars", type=int, help="use only the first N characters of the text")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--ctx", type=positive_int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=positive_int, help="tokens between window starts (default: ctx, disjoint windows)")
+    p.add_argument("--max-chars", type=positive_int, help="use only the first N characters of the text")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--json", help="also write the result to this JSON file")
     _add_model_options(p)
     p.set_defaults(run=cmd_eval)
@@ -173,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-schedule", default="progressive", choices=["progressive", "uniform"],
                    help="per-layer KV ranks: from measured sensitivity (default) or uniform")
     p.add_argument("--calib", help="calibration text (default: ../shared/corpus/pydocs/train.txt)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--steps", type=int, default=600, help="SoCo training steps (default 600)")
+    p.add_argument("--samples", type=positive_int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--steps", type=positive_int, default=600, help="SoCo training steps (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -186,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder, or a pulled model's name")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, help="seed for sampling: same seed, same text")
@@ -196,17 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("model", help="model folder, or a pulled model's name")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--served-model-name", help="the name clients pass as `model` (default: the folder's name)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--max-num-seqs", type=int, help="sequences batched together at most (default 64)")
-    p.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (default 2048)")
-    p.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's limit)")
-    p.add_argument("--kv-cache-memory", type=int, help="bytes for the KV cache (default 1 GiB on CPU)")
+    p.add_argument("--max-num-seqs", type=positive_int, help="sequences batched together at most (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, help="tokens per engine step (default 2048)")
+    p.add_argument("--max-model-len", type=positive_int, help="prompt + completion tokens (default: the model's limit)")
+    p.add_argument("--kv-cache-memory", type=positive_int, help="bytes for the KV cache (default 1 GiB on CPU)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
-    p.add_argument("--shutdown-grace", type=float, default=30.0,
+    p.add_argument("--shutdown-grace", type=seconds, default=30.0,
                    help="seconds SIGTERM / Ctrl-C waits for requests in flight before aborting them (default 30)")
-    p.add_argument("--max-sequences-per-request", type=int,
+    p.add_argument("--max-sequences-per-request", type=positive_int,
                    help="prompts x n one request may ask for (default 256)")
     _add_model_options(p)
     p.set_defaults(run=cmd_serve)

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from engine import load_model
+from engine.loader import load_tokenizer
 from engine.model import CausalLM
 from engine.rank_budget import uniform_priority
 
@@ -63,11 +64,9 @@ class Prepared:
 
 def prepare(model_dir: str | Path, config: CompressConfig, whiten: bool) -> Prepared:
     """Load, calibrate (when whitening) and factorise every decoder linear."""
-    from transformers import AutoTokenizer
-
     start = time.perf_counter()
     model = load_model(model_dir, dtype=torch.float32, device=config.device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     token_ids = tokenize_file(tokenizer, config.calib) if whiten or config.method == "soco" else None
     grams, calibration = {}, None
     if whiten:

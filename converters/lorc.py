@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from engine import load_model
 from engine.layers import Linear, LowRankLinear
-from engine.loader import read_manifest
+from engine.loader import load_tokenizer, read_manifest
 from engine.model import CausalLM
 from engine.rank_budget import dense_rank, lowrank_params
 
@@ -178,12 +178,10 @@ class KVPrepared:
 
 def prepare_kv(source: str | Path, config: LoRCConfig) -> KVPrepared:
     """Load `source` (dense or compressed), take its K/V inputs' Gram, factorise every K/V projection."""
-    from transformers import AutoTokenizer
-
     start = time.perf_counter()
     source = Path(source)
     model = load_model(source, dtype=torch.float32, device=config.device)
-    token_ids = tokenize_file(AutoTokenizer.from_pretrained(source), config.calib)
+    token_ids = tokenize_file(load_tokenizer(source), config.calib)
     windows = sample_windows(token_ids, config.samples, config.seq_len, config.seed)
     pairs = kv_names(model)
     grams = collect_grams(model, windows, only={gram_key(k) for k, _ in pairs})

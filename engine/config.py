@@ -115,7 +115,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
@@ -138,12 +138,27 @@ class ModelConfig:
             raise ModelFolderError(f"{path} is not a model folder: config.json is missing")
         try:
             cfg = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelFolderError(f"{config_file} is not valid JSON: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise ModelFolderError(f"{config_file} holds a JSON {type(cfg).__name__}, not an object of fields")
+        for name in _POSITIVE_INT_FIELDS:
+            value = cfg.get(name)
+            if value is None:
+                continue  # absent (a required one is reported as missing below)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ModelFolderError(f"{config_file}: {name} must be a positive integer, got {value!r}")
         try:
             return cls.from_dict(cfg)
         except KeyError as exc:
             raise ModelFolderError(f"{config_file} lacks the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # any other field of the wrong type
+            raise ModelFolderError(f"{config_file}: a field has the wrong type or value: {exc}") from None
+
+
+# Checked before they are used in arithmetic, so the message names the field, not the operation.
+_POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def _read_rope(cfg: dict) -> tuple[float, dict | None]:

@@ -26,7 +26,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .engine_config import EngineConfig
 from .kv_cache import bytes_per_block, default_budget
-from .loader import load_model
+from .loader import load_model, load_tokenizer
 from .outputs import CompletionOutput, RequestOutput, StreamDelta
 from .runner import ModelRunner
 from .sampler import Sampler
@@ -62,10 +62,8 @@ class LLM:
         if unknown := sorted(set(settings) - known):
             raise ValueError(f"unknown engine setting(s) {unknown}; known: {', '.join(sorted(known))}")
         self.config = EngineConfig(**settings)
-        from transformers import AutoTokenizer
-
         self.model = load_model(path, dtype=dtype, device=device, ratio=ratio)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         mc, bs = self.model.config, self.config.block_size
         self.vocab_size = mc.vocab_size
         self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)

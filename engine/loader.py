@@ -10,10 +10,12 @@ same global rule bake used. Safetensors only; never pickles.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig, ModelFolderError, parse_dtype
 from .layers import LowRankLinear
@@ -39,15 +41,40 @@ def weight_files(path: str | Path) -> list[Path]:
     raise ModelFolderError(f"{path} is not a model folder: model.safetensors is missing")
 
 
+@contextmanager
+def open_weights(file: Path) -> Iterator:
+    """safe_open, with a damaged file (truncated, not safetensors) as a ModelFolderError naming it."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise ModelFolderError(f"{file} is not a readable safetensors file ({exc}): re-create or re-download it") \
+            from None
+
+
+def load_tokenizer(path: str | Path):
+    """The folder's tokenizer; missing or damaged tokenizer files are a ModelFolderError naming the folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers and tokenizers raise OSError, ValueError, TypeError, Exception...
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFolderError(f"{path}: the tokenizer files cannot be loaded: {message}") from None
+
+
 def read_manifest(path: str | Path) -> dict | None:
     """The compressed folder's lowrank.json, or None for a dense folder."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ModelFolderError(f"{file} holds a JSON {type(manifest).__name__}, not an object")
+    return manifest
 
 
 def default_device() -> torch.device:
@@ -78,7 +105,7 @@ def serving_ranks(path: Path, manifest: dict, files: list[Path], ratio: float | 
         raise ValueError(f"{path} has no importance scores to serve another ratio from (only K/V latents)")
     scores = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with open_weights(file) as f:
             scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
     total = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
     fixed = sum(m["shape"][0] * m["shape"][1] for m in modules.values() if not m["factorized"])
@@ -118,7 +145,7 @@ def load_model(
     expected = {name: p.shape for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with open_weights(file) as f:
             for name in f.keys():
                 if name.endswith(".score") and name.removesuffix(".score") in ranks:
                     continue  # importance scores choose ranks; they are not weights

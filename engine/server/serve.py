@@ -49,18 +49,21 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, serve
           ratio: float | None = None, shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
           max_sequences_per_request: int | None = None, **engine_settings) -> None:
     """Load the model, start the engine thread and serve until Ctrl-C / SIGTERM (drains first)."""
-    from transformers import AutoTokenizer
-
     from ..llm import LLM
+    from ..loader import load_tokenizer
 
     if not shutdown_grace >= 0:
         raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {shutdown_grace}")
     sock = bind(host, port)
-    llm = LLM(model, dtype=dtype, device=device, ratio=ratio, **engine_settings)
-    tokenizer = AutoTokenizer.from_pretrained(model)  # the HTTP side's own: not shared with the engine thread
-    engine = AsyncEngine(llm)
-    app = build_app(engine, tokenizer, served_model_name or Path(model).name, llm.max_model_len, api_key,
-                    max_sequences_per_request=max_sequences_per_request)
+    try:
+        llm = LLM(model, dtype=dtype, device=device, ratio=ratio, **engine_settings)
+        tokenizer = load_tokenizer(model)  # the HTTP side's own: not shared with the engine thread
+        engine = AsyncEngine(llm)
+        app = build_app(engine, tokenizer, served_model_name or Path(model).name, llm.max_model_len, api_key,
+                        max_sequences_per_request=max_sequences_per_request)
+    except BaseException:
+        sock.close()
+        raise
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=shutdown_grace + TELL_CLIENTS_S)
     # uvicorn drains on SIGTERM / SIGINT, then re-raises the signal to the handler it found: make those
     # no-ops, so a clean shutdown exits 0 (installed only now: a signal while loading still stops the load).
