@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API allows
@@ -31,6 +32,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:  # Infinity passes every range check below and turns the logits into NaN
+            if not (isinstance(getattr(self, name), (int, float)) and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
             (self.temperature >= 0, "temperature", ">= 0"),

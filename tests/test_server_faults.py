@@ -13,8 +13,8 @@ import time
 import pytest
 
 from server_harness import (  # noqa: F401 (pytest finds fixtures by name, their dependencies too)
-    LONG_LEN, Server, assert_error, get, post,
-    tiny_dir, tokenizer, spawn, _server_logs_on_failure,
+    API_KEY, LONG_LEN, Server, assert_error, get, post,
+    tiny_dir, tokenizer, keyed_server, spawn, _server_logs_on_failure,
 )
 
 CAP = 16  # --max-sequences-per-request of the servers here
@@ -256,3 +256,57 @@ def test_the_largest_seeds_work(busy_server):
         status, body = post(busy_server.port, "/v1/completions", {"model": "tiny", "prompt": "t5", "max_tokens": 2,
                                                                   "n": 3, "seed": seed})
         assert status == 200 and len(body["choices"]) == 3, body
+
+
+# -- defect 8: the lesser gaps -------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, literal", [("temperature", "Infinity"), ("repetition_penalty", "Infinity"),
+                                            ("top_p", "NaN"), ("presence_penalty", "-Infinity")])
+def test_non_finite_sampling_values_are_a_400(busy_server, field, literal):
+    data = b'{"model": "tiny", "prompt": "t5", "max_tokens": 2, "%s": %s}' % (field.encode(), literal.encode())
+    assert_error(*post(busy_server.port, "/v1/completions", data), 400, field)
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "t5"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "t5"},
+                                                {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"5": 100}}, "logit_bias"),
+])
+def test_what_the_engine_does_not_do_is_refused_not_ignored(busy_server, change, param):
+    assert_error(*post(busy_server.port, "/v1/chat/completions", CHAT | change), 400, param)
+
+
+def test_asking_for_nothing_unsupported_is_fine(busy_server):
+    harmless = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "t5"}]}]}
+    status, body = post(busy_server.port, "/v1/chat/completions", CHAT | harmless)
+    assert status == 200, body
+    assert_error(*post(busy_server.port, "/v1/completions", {"model": "tiny", "prompt": "t5", "suffix": "x"}),
+                 400, "suffix")
+
+
+def test_head_health(busy_server):
+    conn = http.client.HTTPConnection("127.0.0.1", busy_server.port, timeout=10)
+    conn.request("HEAD", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_api_key_scheme_is_case_insensitive_and_docs_need_the_key(keyed_server):
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert get(keyed_server.port, "/v1/models", {"Authorization": f"{scheme} {API_KEY}"})[0] == 200
+    assert_error(*get(keyed_server.port, "/v1/models", {"Authorization": f"Bearer {API_KEY}x"}), 401)
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert get(keyed_server.port, path, raw=True)[0] == 401
+        assert get(keyed_server.port, path, {"Authorization": f"Bearer {API_KEY}"}, raw=True)[0] == 200
+    assert get(keyed_server.port, "/health")[0] == 200  # the probes stay open

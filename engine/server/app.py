@@ -9,6 +9,7 @@ OpenAI's error shape with the right status; a client that disconnects aborts its
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import sys
 import time
@@ -26,8 +27,10 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, EngineClosed, Event
 from .protocol import APIError, ChatRequest, CompletionRequest
+from .token_bytes import TokenBytes
 
 MAX_BODY_BYTES = 8 << 20
+PUBLIC_PATHS = ("/health", "/metrics")  # the load balancer's and Prometheus' probes: no key
 DEFAULT_MAX_SEQUENCES_PER_REQUEST = 256  # prompts x n: four full batches at the default max_num_seqs
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
@@ -73,7 +76,7 @@ def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=MAX_BODY_BYTES)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
@@ -100,7 +103,8 @@ def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_
 
 
 class _Guard:
-    """ASGI middleware, before routing and body parsing: the API key on /v1 routes, then the body size.
+    """ASGI middleware, before routing and body parsing: the API key on every route but the probes
+    (/health, /metrics), then the body size.
 
     The size is checked on Content-Length or, for chunked uploads that have none, on the bytes
     as they arrive: such a body is read here, up to the limit, and replayed to the app.
@@ -113,8 +117,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1/") and \
-                headers.get("authorization") != f"Bearer {self.api_key}":
+        if self.api_key is not None and scope["path"] not in PUBLIC_PATHS and \
+                not self._authorized(headers.get("authorization", "")):
             return await _reply(scope, receive, send, APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'"))
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
@@ -146,6 +150,12 @@ class _Guard:
         await self.app(scope, replay, send)
 
 
+    def _authorized(self, header: str) -> bool:
+        """RFC 9110: the scheme is case-insensitive; the key is compared in constant time."""
+        scheme, _, credentials = header.strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self.api_key.encode())
+
+
 async def _reply(scope, receive, send, error: APIError) -> None:
     await error.response()(scope, receive, send)
 
@@ -172,6 +182,7 @@ class _Handlers:
         self.name, self.max_model_len = served_model_name, max_model_len
         self.max_sequences = max_sequences_per_request
         self.vocab_size = engine.llm.vocab_size
+        self.token_bytes = TokenBytes(tokenizer)
         self.created = int(time.time())
 
     # -- shared steps --------------------------------------------------------------------------
@@ -330,8 +341,7 @@ class _Handlers:
 
     def _chat_logprobs(self, tokens, entries, k: int) -> dict:
         def item(token_id: int, value: float) -> dict:
-            text = self._token_text(token_id)
-            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+            return {"token": self._token_text(token_id), "logprob": value, "bytes": list(self.token_bytes(token_id))}
 
         return {"content": [item(token, entry[token]) | {"top_logprobs": [item(a, v) for a, v in _top(entry, k)]}
                             for token, entry in zip(tokens, entries)]}

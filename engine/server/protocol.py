@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from fastapi.responses import Response
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..sampling_params import SamplingParams
 
@@ -54,6 +54,28 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
     return None
 
 
+# OpenAI fields this engine does not implement, each with the values that ask for nothing: a request
+# that sets one otherwise is refused (as vLLM does), since ignoring it would answer another question.
+UNSUPPORTED = {
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": lambda v: not v,
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: v is None,
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: not v,
+}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -84,10 +106,14 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _utf8_only(cls, data: Any) -> Any:
+    def _utf8_only_and_supported(cls, data: Any) -> Any:
         """Raised as APIError, not ValueError: pydantic lets it through, so it keeps its own `param`."""
         if (where := lone_surrogate_at(data)) is not None:
             raise APIError(400, f"{where}: a string holds a lone UTF-16 surrogate (not valid Unicode text)", where)
+        for name, harmless in UNSUPPORTED.items() if isinstance(data, dict) else ():
+            if name in data and not harmless(data[name]):
+                raise APIError(400, f"{name} is not supported by this server (got {_short(data[name])}); "
+                                    f"leave it out", name)
         return data
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
@@ -122,13 +148,21 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[dict]  # required: without tool calls, a message is its content
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content: str | list[dict]) -> str | list[dict]:
+        """Images, audio and files would be dropped unseen: refuse them rather than answer without them."""
+        for part in content if isinstance(content, list) else ():
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text content parts ({{'type': 'text', 'text': ...}}) are supported, got "
+                                 f"{part.get('type')!r}")
+        return content
 
     def text(self) -> str:
-        """Content as text: a string, or the text parts of a content-part list."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        """Content as text: a string, or its text parts joined."""
+        return self.content if isinstance(self.content, str) else "".join(part["text"] for part in self.content)
 
 
 class ChatRequest(_Sampling):
@@ -136,3 +170,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return self
