@@ -36,58 +36,66 @@ def json_values(max_leaves: int = 6):
                         | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=max_leaves)
 
 
-def field(plausible):
-    """Mostly a value a client might send, sometimes anything."""
-    return st.one_of(plausible, plausible, json_values())
+EDGES = st.sampled_from([None, True, -1, 0, 2**31, 2**63, 2**64, -2**63 - 1, 2**70, math.inf, -math.inf, math.nan,
+                         1e308, "", "\ud800", "t5 \udfff", [], {}, [5, 2**64], [[5], [-1]], ["t5", "\ud800"],
+                         [{"type": "image_url"}], "x" * 3000])
+WILD = st.one_of(EDGES, EDGES, EDGES, json_values())  # edges first: they are where servers break
 
-
-words = st.lists(st.sampled_from(["t5", "t7", "t22", "t40", "t3", "t96", "t1", "hello", "\ud800"]),
+words = st.lists(st.sampled_from(["t5", "t7", "t22", "t40", "t3", "t96", "t1", "hello"]), min_size=1,
                  max_size=8).map(" ".join)
+# Values a well-behaved client sends: a body built from these alone must be answered 200.
 SAMPLING = {
-    "model": field(st.just("tiny")),
-    "max_tokens": field(st.integers(0, 8) | st.none()),
-    "temperature": field(st.floats(-1, 3) | st.sampled_from([0, 1, math.inf])),
-    "top_p": field(st.floats(-0.5, 1.5)),
-    "top_k": field(st.integers(-2, 120)),
-    "min_p": field(st.floats(-0.5, 1.5)),
-    "n": field(st.integers(0, 10)),
-    "seed": field(st.integers(-2**64, 2**64)),
-    "stop": field(st.lists(st.sampled_from(["t5", "t7", "", "\ud800"]), max_size=6) | st.text(max_size=4)),
-    "stop_token_ids": field(st.lists(st.integers(-2, 120), max_size=5)),
-    "presence_penalty": field(st.floats(-3, 3)),
-    "frequency_penalty": field(st.floats(-3, 3)),
-    "repetition_penalty": field(st.floats(-1, 3)),
-    "min_tokens": field(st.integers(-1, 10)),
-    "ignore_eos": field(st.booleans()),
-    "stream": field(st.booleans()),
-    "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
-    "logit_bias": field(st.just({})),
-    "response_format": field(st.sampled_from([{"type": "text"}, {"type": "json_object"}])),
-    "tools": field(st.just([])),
-    "user": json_values(),
+    "max_tokens": st.integers(1, 8),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.05, 1),
+    "top_k": st.integers(0, 120),
+    "min_p": st.floats(0, 1),
+    "n": st.integers(1, 3),
+    "seed": st.integers(-2**63, 2**63 - 1),
+    "stop": st.lists(st.sampled_from(["t5", "t7", "t22 t40"]), max_size=4) | st.sampled_from(["t5"]),
+    "stop_token_ids": st.lists(st.integers(0, 96), max_size=5),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "ignore_eos": st.booleans(),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "response_format": st.just({"type": "text"}),
+    "user": st.text(max_size=8),
 }
-COMPLETION = SAMPLING | {
-    "prompt": field(words | st.lists(words, max_size=3) | st.lists(st.integers(-5, 120), max_size=6)
-                    | st.lists(st.lists(st.integers(0, 96), max_size=4), max_size=3)),
-    "logprobs": field(st.integers(-1, 7)),
-    "echo": field(st.booleans()),
-    "suffix": field(st.just("")),
-    "best_of": field(st.integers(0, 3)),
-}
-content_part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": words})
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"])},
-                                optional={"content": field(words | st.lists(content_part, max_size=3))})
-CHAT = SAMPLING | {
-    "messages": field(st.lists(message, min_size=0, max_size=3)),
-    "max_completion_tokens": field(st.integers(0, 8)),
-    "logprobs": field(st.booleans()),
-    "top_logprobs": field(st.integers(-1, 25)),
-}
+COMPLETION = {"model": st.just("tiny"), "prompt": words | st.lists(words, min_size=1, max_size=3)
+              | st.lists(st.integers(0, 96), min_size=1, max_size=6)} | SAMPLING | {
+    "logprobs": st.integers(0, 5), "echo": st.booleans()}
+content_part = st.fixed_dictionaries({"type": st.just("text"), "text": words})
+message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                 "content": words | st.lists(content_part, min_size=1, max_size=2)})
+CHAT = {"model": st.just("tiny"), "messages": st.lists(message, min_size=1, max_size=3)} | SAMPLING | {
+    "max_completion_tokens": st.integers(1, 8), "logprobs": st.just(True), "top_logprobs": st.integers(0, 5)}
+REQUIRED = ("model", "prompt", "messages")
+# Fields a client may set wrongly besides the ones above: OpenAI's, vLLM's, and nested ones.
+MORE_FIELDS = ["min_tokens", "tools", "tool_choice", "logit_bias", "suffix", "best_of", "modalities", "audio",
+               "prediction", "functions", "function_call"]
 
 
-def bodies(fields: dict):
-    """Any subset of the fields (the required ones usually present), with their values."""
-    return st.fixed_dictionaries({}, optional=fields)
+@st.composite
+def bodies(draw, fields: dict):
+    """A valid body (the required fields and some others), then up to three fields set to anything,
+    removed, or (for chat) one message broken: each example probes a few fields, the rest valid."""
+    body = {name: draw(value) for name, value in fields.items()
+            if name in REQUIRED or draw(st.booleans())}
+    for _ in range(draw(st.integers(0, 3))):
+        # The required fields carry the most (prompt text and ids, messages, model): one pick in three.
+        name = draw(st.sampled_from([n for n in REQUIRED if n in fields]) | st.sampled_from([*fields, *MORE_FIELDS])
+                    | st.sampled_from([*fields, *MORE_FIELDS]))
+        if draw(st.integers(0, 5)) == 0:
+            body.pop(name, None)
+        else:
+            body[name] = draw(WILD)
+    if "messages" in fields and draw(st.integers(0, 3)) == 0 and isinstance(body.get("messages"), list) \
+            and body["messages"]:
+        body["messages"][0] = draw(st.fixed_dictionaries({}, optional={"role": WILD | st.just("tool"),
+                                                                       "content": WILD, "name": WILD}))
+    return body
 
 
 def post_raw(port: int, path: str, body: dict) -> tuple[int, str, str]:
@@ -119,7 +127,7 @@ def check_answer(status: int, content_type: str, text: str) -> None:
 
 
 # FUZZ_EXAMPLES=5000 for a longer hunt than CI's.
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None, database=None,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
