@@ -53,7 +53,7 @@ def block_early_stop(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: 
         return logits
     logits = logits.clone()
     for i in rows:
-        banned = set(seqs[i].params.stop_token_ids) | (set() if seqs[i].params.ignore_eos else set(eos_token_ids))
+        banned = seqs[i].params.stop_token_set | (set() if seqs[i].params.ignore_eos else set(eos_token_ids))
         if banned:
             logits[i, list(banned)] = float("-inf")
     return logits

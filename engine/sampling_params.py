@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 1024  # per stop string: each costs its length per completion to prepare
@@ -26,12 +26,15 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop ids are blocked until this many tokens exist
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's and the top-k's
     n: int = 1  # completions per prompt, sharing the prompt's cache blocks
+    # stop_token_ids as a set, for the per-token checks: a long list must not cost its length every step
+    stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # accept one string, as OpenAI's API does
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(int(t) for t in self.stop_token_ids)))
+        object.__setattr__(self, "stop_token_set", frozenset(self.stop_token_ids))
         floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         for name in floats:  # Infinity passes every range check below and turns the logits into NaN
             if not (isinstance(getattr(self, name), (int, float)) and math.isfinite(getattr(self, name))):
