@@ -405,3 +405,24 @@ def test_random_clients_that_leave_at_every_stage_cut_no_one_else(busy_server, s
     assert leavers >= 4  # the mix really has clients that leave with thousands of tokens to go
     generated = after["lowrank:generation_tokens_total"] - before["lowrank:generation_tokens_total"]
     assert generated < 2000 * leavers / 2, f"{generated} tokens: the leavers ran on after their clients left"
+
+
+# -- tokenization is bounded and off the event loop ------------------------------------------------
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "t5 " * 2_000_000}, "prompt"),
+    ("/v1/completions", {"prompt": ["t5", "t5 " * 2_000_000]}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5 " * 1_000_000}] * 2}, "messages"),
+])
+def test_a_prompt_longer_than_the_context_could_hold_is_refused_before_tokenizing(busy_server, path, body, param):
+    """6 MB of text took seconds to tokenize on the event loop, every stream stalled meanwhile: past
+    what max_model_len tokens of the longest token could spell, it is a 400 without that work."""
+    error = assert_error(*post(busy_server.port, path, {"model": "tiny", "max_tokens": 2} | body), 400, param)
+    assert "characters" in error["message"] and str(LONG_LEN) in error["message"]
+
+
+def test_echo_of_token_id_prompts_is_their_text(busy_server):
+    status, body = post(busy_server.port, "/v1/completions", {"model": "tiny", "prompt": [[5, 7], [40]],
+                                                              "max_tokens": 2, "echo": True, "temperature": 0})
+    assert status == 200 and body["choices"][0]["text"].startswith("t5 t7") and \
+        body["choices"][1]["text"].startswith("t40")

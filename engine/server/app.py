@@ -15,8 +15,10 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +31,7 @@ from .async_engine import AsyncEngine, EngineClosed, Event
 from .protocol import APIError, ChatRequest, CompletionRequest
 from .token_bytes import TokenBytes
 
+T = TypeVar("T")
 MAX_BODY_BYTES = 8 << 20
 PUBLIC_PATHS = ("/health", "/metrics")  # the load balancer's and Prometheus' probes: no key
 DEFAULT_MAX_SEQUENCES_PER_REQUEST = 256  # prompts x n: four full batches at the default max_num_seqs
@@ -53,6 +56,7 @@ def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_
         # After uvicorn has drained the open responses; in a worker thread, so the event loop stays
         # free for any handler still finishing (the join waits out the engine's current step).
         await asyncio.to_thread(engine.shutdown)
+        api.close()
 
     app = FastAPI(title="lowrank-engine", lifespan=lifespan)
     api = _Handlers(engine, tokenizer, served_model_name, max_model_len, cap)
@@ -184,8 +188,28 @@ class _Handlers:
         self.vocab_size = engine.llm.vocab_size
         self.token_bytes = TokenBytes(tokenizer)
         self.created = int(time.time())
+        # Prompts are templated and tokenized on one worker thread: the tokenizer releases the GIL, so
+        # the event loop keeps streaming while a long prompt is encoded, and the tokenizer is never
+        # used by two threads at once. Past this many characters a prompt cannot fit the context
+        # (no token's text is longer than the vocabulary's longest; x2 for normalizers that compose
+        # characters): refused before any of that work.
+        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-tokenizer")
+        self.longest_token = max(map(len, tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 2 * max_model_len * self.longest_token
+
+    def close(self) -> None:
+        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- shared steps --------------------------------------------------------------------------
+    async def _on_tokenizer_thread(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, work)
+
+    def _check_chars(self, length: int, param: str) -> None:
+        if length > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {length} characters: more than this model's maximum context of "
+                                f"{self.max_model_len} tokens can hold (at most {self.max_prompt_chars} characters; "
+                                f"no token is longer than {self.longest_token})", param)
+
     def _check_model(self, model: str) -> None:
         if model != self.name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`", "model")
@@ -262,7 +286,8 @@ class _Handlers:
                 "total_tokens": prompt_tokens + completion_tokens}
 
     # -- /v1/completions ------------------------------------------------------------------------
-    def _completion_prompts(self, prompt, n: int) -> tuple[list[list[int]], list[str]]:
+    async def _completion_prompts(self, prompt, n: int) -> tuple[list[str | list[int]], list[list[int]]]:
+        """The prompts as given (one list entry each) and their token ids."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -273,9 +298,10 @@ class _Handlers:
         for p in prompt:  # before anything decodes them: the tokenizer overflows on ids past 2**64
             if not isinstance(p, str) and (bad := [t for t in p if not 0 <= t < self.vocab_size]):
                 raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
-        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
-        texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompt]
-        return ids, texts
+            if isinstance(p, str):
+                self._check_chars(len(p), "prompt")
+        return prompt, await self._on_tokenizer_thread(
+            lambda: [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt])
 
     def _completion_logprobs(self, tokens: list[int], entries, offset: int, k: int) -> dict:
         texts = [self._token_text(t) for t in tokens]
@@ -289,8 +315,12 @@ class _Handlers:
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
-        prompts, texts = self._completion_prompts(body.prompt, body.n)
+        given, prompts = await self._completion_prompts(body.prompt, body.n)
         max_tokens = min(self._check_length(ids, body.max_tokens, "prompt") for ids in prompts)
+        texts = [""] * len(prompts)  # the prompts' text, for echo (decoded only then, and only once checked)
+        if body.echo:
+            texts = await self._on_tokenizer_thread(
+                lambda: [p if isinstance(p, str) else self.tokenizer.decode(p) for p in given])
         params = body.sampling_params(max_tokens, body.logprobs, self.vocab_size)
         rid, n = f"cmpl-{uuid.uuid4().hex}", params.n
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name}
@@ -332,12 +362,17 @@ class _Handlers:
             yield head | {"choices": [], "usage": self._usage(prompts, completion_tokens)}
 
     # -- /v1/chat/completions -------------------------------------------------------------------
-    def _chat_prompt(self, body: ChatRequest) -> list[int]:
+    async def _chat_prompt(self, body: ChatRequest) -> list[int]:
         if self.tokenizer.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
         conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self._check_chars(sum(len(m["content"]) for m in conversation), "messages")
+
+        def encode() -> list[int]:
+            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        return await self._on_tokenizer_thread(encode)
 
     def _chat_logprobs(self, tokens, entries, k: int) -> dict:
         def item(token_id: int, value: float) -> dict:
@@ -349,7 +384,7 @@ class _Handlers:
     async def chat(self, body: ChatRequest, request: Request):
         self._check_model(body.model)
         self._check_fanout(1, body.n)
-        ids = self._chat_prompt(body)
+        ids = await self._chat_prompt(body)
         max_tokens = self._check_length(ids, body.max_completion_tokens or body.max_tokens, "messages")
         params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                       self.vocab_size)
