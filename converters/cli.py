@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--served-model-name", help="the name clients pass as `model` (default: the folder's name)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
     p.add_argument("--max-num-seqs", type=positive_int, help="sequences batched together at most (default 64)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, help="tokens per engine step (default 2048)")
     p.add_argument("--max-model-len", type=positive_int, help="prompt + completion tokens (default: the model's limit)")

@@ -74,7 +74,9 @@ def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
         probs = ordered.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # the first token always stays
         # Rows with top_p = 1 are skipped outright: float32 mass can round to 1 before the tail ends.
-        ordered = ordered.masked_fill((mass_before >= p[:, None]) & (p[:, None] < 1), float("-inf"))
+        # rank > 0: the first token stays even when a tiny top_p rounds to 0 in float32.
+        ordered = ordered.masked_fill((mass_before >= p[:, None]) & (p[:, None] < 1) & (rank[None, :] > 0),
+                                      float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, ordered)
     if any(m > 0 for m in min_p):
         m = torch.tensor(min_p, device=device)
@@ -96,7 +98,7 @@ class Sampler:
         logits = block_early_stop(apply_penalties(logits, seqs), seqs, self.eos_token_ids)
         tokens = logits.argmax(-1)
         if not all(p.greedy for p in params):
-            temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+            temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
             probs = truncate(logits / temperature[:, None], [p.top_k for p in params], [p.top_p for p in params],
                              [p.min_p for p in params]).softmax(-1)
             noise = torch.empty_like(probs).exponential_(generator=self.generator)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 MAX_STOP_STRINGS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 1024  # per stop string: each costs its length per completion to prepare
 
@@ -72,7 +73,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """0, or so close to it (as vLLM rounds) that dividing float32 logits by it would overflow."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _shown(value, limit: int = 200) -> str:

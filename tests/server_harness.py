@@ -23,7 +23,9 @@ from conftest import REPO, save_tiny_model, save_tiny_tokenizer
 TINY = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=4096)
 # "t1" (EOS) and "t0" (unk) are special tokens, split out of any word: "t11" encodes as [1, 0]. Prompts avoid t1x.
-CHAT_TEMPLATE = "{% for m in messages %}t2 {{ m['content'] }} {% endfor %}t3"
+# Like real templates (Llama 2, Mistral, Gemma), it refuses some messages with raise_exception().
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool messages') }}"
+                 "{% endif %}t2 {{ m['content'] }} {% endfor %}t3")
 MAX_LEN = 128  # the main server's --max-model-len: small, so over-long prompts are cheap to send
 LONG_LEN = 4096  # the second server's: room for a generation that outlives a disconnect by seconds
 API_KEY = "secret-key"

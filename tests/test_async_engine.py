@@ -126,6 +126,34 @@ def test_a_failure_in_one_requests_bookkeeping_fails_that_request_alone(engine):
     wait_idle(engine)
 
 
+def test_requests_to_an_engine_whose_thread_died_fail_at_once(tmp_path):
+    """A thread that ended (here: a planted bug in its command handling) must not leave handlers
+    waiting forever for an answer: queued adds are refused, later ones raise at once."""
+    import kernels
+    from engine.server.async_engine import EngineClosed
+
+    save_tiny_model(TINY, tmp_path)
+    save_tiny_tokenizer(tmp_path, TINY.vocab_size)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "BACKEND", "torch")
+        e = AsyncEngine(LLM(tmp_path, device="cpu", kv_cache_memory=4 << 20))
+
+    def broken_drain(block: bool) -> None:
+        raise RuntimeError("planted bug in the engine loop")
+
+    e._drain_commands = broken_drain
+    e.start()
+    e._thread.join(timeout=10)
+    assert not e.alive
+
+    async def main():
+        with pytest.raises(EngineClosed):
+            await collect(e, [5, 6], SamplingParams(max_tokens=3))
+
+    asyncio.run(asyncio.wait_for(main(), timeout=10))
+    e.shutdown()
+
+
 def test_a_handler_cancelled_before_acceptance_aborts_its_request(engine):
     """The handler's task is cancelled while the engine thread is busy stepping, before the add is
     answered: the request must still be aborted, not run to max_tokens holding blocks and a seat."""

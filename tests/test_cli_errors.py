@@ -72,7 +72,14 @@ DAMAGE = [
 
 @pytest.mark.parametrize("command", ["eval", "generate", "compress", "serve"])
 @pytest.mark.parametrize("name, content, needle", DAMAGE, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(DAMAGE)])
-def test_a_damaged_folder_is_one_line_and_exit_2(broken, tmp_path, capsys, command, name, content, needle):
+def test_a_damaged_folder_is_one_line_and_exit_2(broken, tmp_path, capsys, monkeypatch, command, name, content,
+                                                  needle):
+    import engine.server.process as serve_module
+
+    def started(*_, **__):  # had the load succeeded, serve would run here until a signal: fail instead
+        raise AssertionError("the damaged folder loaded and the server started")
+
+    monkeypatch.setattr(serve_module._BoundedShutdownServer, "run", started)
     folder = broken(name, content)
     assert main(run(command, folder, tmp_path)) == 2
     one_line_error(capsys, command, needle)

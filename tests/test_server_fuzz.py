@@ -23,7 +23,7 @@ FUZZ_LEN = 64  # --max-model-len: whatever a body asks, no request can run long
 def fuzz_server(tiny_dir, tmp_path_factory):
     s = Server(tiny_dir, tmp_path_factory.mktemp("logs") / "fuzz.log", "--served-model-name", "tiny",
                "--max-model-len", str(FUZZ_LEN), "--kv-cache-memory", str(4 << 20),
-               "--max-sequences-per-request", "8")
+               "--max-sequences-per-request", "9")
     yield s
     s.stop()
 
@@ -129,6 +129,22 @@ def check_answer(status: int, content_type: str, text: str) -> None:
 # FUZZ_EXAMPLES=5000 for a longer hunt than CI's.
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def valid_bodies(fields: dict):
+    return st.fixed_dictionaries({name: fields[name] for name in REQUIRED if name in fields},
+                                 optional={name: value for name, value in fields.items() if name not in REQUIRED})
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(completion=valid_bodies(COMPLETION),
+       chat=valid_bodies(CHAT).map(lambda b: b | {"logprobs": True} if "top_logprobs" in b else b))
+def test_valid_bodies_are_answered_200(fuzz_server, completion, chat):
+    """The fuzz's own baseline: without its wild values every body is one the server must serve."""
+    for path, body in [("/v1/completions", completion), ("/v1/chat/completions", chat)]:
+        status, content_type, text = post_raw(fuzz_server.port, path, body)
+        assert status == 200, (body, text)
+        check_answer(status, content_type, text)
 
 
 @FUZZ

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from .app import build_app
 from .async_engine import AsyncEngine
-from .serve import serve
+from .process import serve
 
 __all__ = ["AsyncEngine", "build_app", "serve"]

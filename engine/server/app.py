@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .async_engine import AsyncEngine, EngineClosed, Event
-from .protocol import APIError, ChatRequest, CompletionRequest
+from .protocol import APIError, ChatRequest, CompletionRequest, shown
 from .token_bytes import TokenBytes
 
 T = TypeVar("T")
@@ -157,7 +157,9 @@ class _Guard:
     def _authorized(self, header: str) -> bool:
         """RFC 9110: the scheme is case-insensitive; the key is compared in constant time."""
         scheme, _, credentials = header.strip().partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self.api_key.encode())
+        # Headers arrive as bytes, decoded as latin-1 above: back to those bytes, against the key's UTF-8.
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode("latin-1"),
+                                                                  self.api_key.encode())
 
 
 async def _reply(scope, receive, send, error: APIError) -> None:
@@ -175,7 +177,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
             break  # pydantic names the union member it tried ("str", "list[int]"): not a field
         loc.append(str(part))
     param = ".".join(loc) or None
-    got = f" (got {error['input']!r})" if "input" in error and loc else ""
+    got = f" (got {shown(error['input'])})" if "input" in error and loc else ""
     return APIError(400, f"{param or 'body'}: {error['msg']}{got}", param=param)
 
 
@@ -189,8 +191,9 @@ class _Handlers:
         self.token_bytes = TokenBytes(tokenizer)
         self.created = int(time.time())
         # Prompts are templated and tokenized on one worker thread: the tokenizer releases the GIL, so
-        # the event loop keeps streaming while a long prompt is encoded, and the tokenizer is never
-        # used by two threads at once. Past this many characters a prompt cannot fit the context
+        # the event loop keeps streaming while a long prompt is encoded. The loop itself only decodes
+        # single tokens (logprobs): reads, which the Rust tokenizer allows beside an encode (nothing
+        # here changes its truncation or padding). Past this many characters a prompt cannot fit the context
         # (no token's text is longer than the vocabulary's longest; x2 for normalizers that compose
         # characters): refused before any of that work.
         self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-tokenizer")
@@ -247,6 +250,9 @@ class _Handlers:
                 await merged.put((index, APIError(503, str(exc))))
             except ValueError as exc:  # rejected by the engine's own checks (the prompt's: all else is checked here)
                 await merged.put((index, APIError(400, str(exc), "prompt")))
+            except Exception as exc:  # a bug of ours: this request fails (a 500), never hangs
+                traceback.print_exception(exc, file=sys.stderr)
+                await merged.put((index, APIError(500, "internal error while adding the request")))
             await merged.put((index, None))
 
         tasks = [asyncio.ensure_future(pump(i, ids)) for i, ids in enumerate(prompts)]
@@ -369,7 +375,10 @@ class _Handlers:
         self._check_chars(sum(len(m["content"]) for m in conversation), "messages")
 
         def encode() -> list[int]:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            try:
+                text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # templates raise_exception() on what they refuse (roles out of order, ...)
+                raise APIError(400, f"the model's chat template refuses these messages: {exc}", "messages") from None
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
         return await self._on_tokenizer_thread(encode)

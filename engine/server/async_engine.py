@@ -58,6 +58,8 @@ class AsyncEngine:
         self._listeners: dict[int, _Listener] = {}
         self._stop = threading.Event()
         self._closed: str | None = None  # close()'s message, once closed
+        self._exit_lock = threading.Lock()  # an add is either queued before the thread exits, or refused
+        self._exited = False
         self._thread = threading.Thread(target=self._run, name="lowrank-engine", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -105,7 +107,10 @@ class AsyncEngine:
             post(settle)
 
         listener = _Listener(deliver, time.perf_counter())
-        self._commands.put(("add", listener, prompt_ids, params, answer))
+        with self._exit_lock:
+            if self._exited:
+                raise EngineClosed(self._closed or "the engine has stopped")
+            self._commands.put(("add", listener, prompt_ids, params, answer))
         finished = False
         try:
             # Inside the try: a handler cancelled while the engine is mid-step (the add not yet
@@ -123,16 +128,35 @@ class AsyncEngine:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            while True:
+                self._drain_commands(block=not self.llm.has_unfinished())
+                if self.llm.has_unfinished():
+                    try:
+                        self._step()
+                    except Exception:  # the batch's forward pass failed: no single request is to blame
+                        traceback.print_exc(file=sys.stderr)
+                        self._fail_all("internal error while generating; the request was aborted")
+                elif self._stop.is_set():
+                    return
+        except BaseException:  # a bug outside any one request: logged; the thread ends, the server answers 503s
+            traceback.print_exc(file=sys.stderr)
+            self._closed = "the engine stopped after an internal error"
+        finally:  # however the thread ends, no handler waits on it: refuse the adds still queued
+            with self._exit_lock:
+                self._exited = True
+            self._closed = self._closed or SHUTTING_DOWN
+            self._refuse_queued()
+            self._fail_all(self._closed, status=503)
+
+    def _refuse_queued(self) -> None:
         while True:
-            self._drain_commands(block=not self.llm.has_unfinished())
-            if self.llm.has_unfinished():
-                try:
-                    self._step()
-                except Exception:  # the batch's forward pass failed: no single request is to blame
-                    traceback.print_exc(file=sys.stderr)
-                    self._fail_all("internal error while generating; the request was aborted")
-            elif self._stop.is_set():
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
                 return
+            if command[0] == "add":
+                command[-1](EngineClosed(self._closed))
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -147,6 +171,18 @@ class AsyncEngine:
                 return
 
     def _apply(self, command: tuple) -> None:
+        try:
+            self._apply_one(command)
+        except Exception:  # a bug in one command's handling: that handler is told, the thread goes on
+            traceback.print_exc(file=sys.stderr)
+            if command[0] == "add":
+                _, listener, *_, answer = command
+                self._listeners.pop(listener.request_id, None)
+                if listener.request_id is not None:
+                    self.llm.abort(listener.request_id)
+                answer(RuntimeError("internal error while adding the request"))
+
+    def _apply_one(self, command: tuple) -> None:
         if command[0] == "add":
             _, listener, prompt_ids, params, answer = command
             if self._closed is not None:

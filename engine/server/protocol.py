@@ -7,6 +7,7 @@ or by `SamplingParams`, and any failure becomes a 400 naming the field (`param`)
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any, Literal
 
 from fastapi.responses import Response
@@ -35,23 +36,35 @@ class APIError(Exception):
         return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json")
 
 
-def lone_surrogate_at(value: Any, path: str = "") -> str | None:
-    """The dotted path of the first string (or key) holding a lone UTF-16 surrogate, which JSON's
-    \\ud800 escapes can carry but UTF-8 cannot: no tokenizer or response encoder takes one."""
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return path or "body"
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        where = f"{path}.{key}" if path else str(key)
-        if (found := lone_surrogate_at(key, where) if isinstance(key, str) else None) or \
-                (found := lone_surrogate_at(item, where)):
-            return found
-    return None
+MAX_NESTING = 32  # levels of JSON arrays / objects in a body: no field of ours nests past a few
+
+
+def check_body(value: Any) -> None:
+    """Refuse what no field can use: nesting past MAX_NESTING (which the validators' own recursion could
+    not survive) and strings (or keys) holding a lone UTF-16 surrogate, which JSON's \\ud800 escapes
+    can carry but UTF-8 cannot: no tokenizer or response encoder takes one. Walked with a stack."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"{path or 'body'}: a string holds a lone UTF-16 surrogate (not valid "
+                                        f"Unicode text)", path or None) from None
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth >= MAX_NESTING:
+            field = path.split(".", 1)[0] or None  # the top-level field: the full path is as deep as the nesting
+            raise APIError(400, f"{field or 'body'}: nested more than {MAX_NESTING} levels deep", field)
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in reversed(list(pairs)):  # reversed: the first offender is reported first
+            where = f"{path}.{key}" if path else str(key)
+            stack.append((child, where, depth + 1))
+            if isinstance(key, str):
+                stack.append((key, where, depth + 1))
 
 
 # OpenAI fields this engine does not implement, each with the values that ask for nothing: a request
@@ -71,8 +84,9 @@ UNSUPPORTED = {
 }
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value)
+def shown(value: Any, limit: int = 80) -> str:
+    """A value for an error message, cut short (and shallow: reprlib stops a few levels down)."""
+    text = reprlib.repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -108,11 +122,10 @@ class _Sampling(BaseModel):
     @classmethod
     def _utf8_only_and_supported(cls, data: Any) -> Any:
         """Raised as APIError, not ValueError: pydantic lets it through, so it keeps its own `param`."""
-        if (where := lone_surrogate_at(data)) is not None:
-            raise APIError(400, f"{where}: a string holds a lone UTF-16 surrogate (not valid Unicode text)", where)
+        check_body(data)
         for name, harmless in UNSUPPORTED.items() if isinstance(data, dict) else ():
             if name in data and not harmless(data[name]):
-                raise APIError(400, f"{name} is not supported by this server (got {_short(data[name])}); "
+                raise APIError(400, f"{name} is not supported by this server (got {shown(data[name])}); "
                                     f"leave it out", name)
         return data
 

@@ -10,6 +10,7 @@ timeout would cut it silently. Then the engine thread is joined and the process 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 from pathlib import Path
@@ -24,7 +25,9 @@ TELL_CLIENTS_S = 5.0  # after the grace period: time for the aborted handlers to
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port; ValueError naming both when that is impossible."""
+    """A TCP socket bound to host:port (a busy port fails here); ValueError naming both when that is
+    impossible. Not listening yet: asyncio listens when uvicorn starts, so while the model loads a
+    client (or a readiness probe) is refused rather than left hanging in the backlog."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {port}")
     try:
@@ -36,7 +39,6 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse TIME_WAIT ports
         sock.bind(address)
-        sock.listen(2048)
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -81,6 +83,12 @@ class _BoundedShutdownServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace: float):
         super().__init__(config)
         self.engine, self.grace = engine, grace
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # uvicorn says where it listens only for sockets it bound itself
+            host, port = sockets[0].getsockname()[:2]
+            logging.getLogger("uvicorn.error").info(f"Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)")
 
     async def shutdown(self, sockets=None) -> None:
         timer = asyncio.get_running_loop().call_later(self.grace, self.engine.close)
