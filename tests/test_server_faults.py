@@ -455,3 +455,22 @@ def test_a_temperature_below_float32s_reach_samples_greedily(busy_server):
         status, body = post(busy_server.port, "/v1/completions", base | {"temperature": temperature,
                                                                          "top_p": top_p, "seed": 3})
         assert status == 200 and body["choices"][0]["text"] == greedy_text, (temperature, top_p, body)
+
+
+def test_a_long_prompt_is_refused_after_encoding_only_its_head():
+    """Long-context models let the character bound through megabytes: the probe encodes only the head."""
+    from engine.server.app import PROBE_CHARS_PER_TOKEN, encode_bounded
+    from engine.server.protocol import APIError
+
+    seen: list[int] = []
+
+    def encode(text: str) -> list[int]:
+        seen.append(len(text))
+        return text.split()
+
+    with pytest.raises(APIError, match="maximum context length is 100") as error:
+        encode_bounded(encode, "word " * 100_000, 100)
+    assert error.value.status == 400 and seen == [PROBE_CHARS_PER_TOKEN * 100]
+    seen.clear()
+    long_tokens = ("x" * 50 + " ") * 60  # 60 tokens of 51 characters: the head fits, so the whole is encoded
+    assert len(encode_bounded(encode, long_tokens, 100)) == 60 and seen == [800, len(long_tokens)]

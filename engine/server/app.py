@@ -306,8 +306,12 @@ class _Handlers:
                 raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
             if isinstance(p, str):
                 self._check_chars(len(p), "prompt")
+        def encode(text: str) -> list[int]:
+            return self.tokenizer(text)["input_ids"]
+
         return prompt, await self._on_tokenizer_thread(
-            lambda: [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt])
+            lambda: [encode_bounded(encode, p, self.max_model_len) if isinstance(p, str) else list(p)
+                     for p in prompt])
 
     def _completion_logprobs(self, tokens: list[int], entries, offset: int, k: int) -> dict:
         texts = [self._token_text(t) for t in tokens]
@@ -379,7 +383,8 @@ class _Handlers:
                 text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
             except Exception as exc:  # templates raise_exception() on what they refuse (roles out of order, ...)
                 raise APIError(400, f"the model's chat template refuses these messages: {exc}", "messages") from None
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return encode_bounded(lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"], text,
+                                  self.max_model_len, "messages")
 
         return await self._on_tokenizer_thread(encode)
 
@@ -425,6 +430,24 @@ class _Handlers:
                                        "finish_reason": d.finish_reason}]}
         if body.include_usage:
             yield head | {"choices": [], "usage": self._usage([ids], completion_tokens)}
+
+
+PROBE_CHARS_PER_TOKEN = 8  # about twice what English text spends per token
+
+
+def encode_bounded(encode: Callable[[str], list[int]], text: str, max_model_len: int, param: str = "prompt"
+                   ) -> list[int]:
+    """encode(text), unless its first PROBE_CHARS_PER_TOKEN x max_model_len characters alone encode to
+    more tokens than the context holds: then a 400 after encoding only those (long-context models let
+    the character bound through megabytes, which would take seconds to encode whole)."""
+    probe = PROBE_CHARS_PER_TOKEN * max_model_len
+    if len(text) > probe:
+        head = encode(text[:probe])
+        if len(head) > max_model_len + 16:  # + 16: the cut may split what the whole text merges
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; the prompt's "
+                                f"first {probe} of {len(text)} characters alone are {len(head)} tokens. "
+                                f"Reduce the prompt.", param)
+    return encode(text)
 
 
 def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
