@@ -1,4 +1,4 @@
-"""Folders written all at once: into `<dest>.tmp-<pid>`, renamed to `dest` only when complete.
+"""Folders (and files) written all at once: into `<dest>.tmp-<pid>`, renamed to `dest` only when complete.
 
 A Python error or Ctrl-C removes the temporary folder on the way out; a SIGKILL cannot, so the
 next writer of the same destination removes temporaries whose process is gone.
@@ -28,6 +28,16 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
         tmp.rename(dest)
     finally:  # runs on errors and on KeyboardInterrupt alike
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(dest: Path, text: str) -> None:
+    """A crash or Ctrl-C leaves the old file or the new one, never half of one."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_tmp(dest: Path) -> None:

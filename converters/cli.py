@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .pull import REGISTRY, PullError, pull
 
 DEFAULT_TEXT = Path("shared/corpus/pydocs/valid.txt")  # beside the repository, as ../shared
@@ -63,16 +64,6 @@ def writable_file(path: Path, option: str) -> Path:
     return path
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """A crash or Ctrl-C leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from engine import load_model
     from engine.loader import load_tokenizer
@@ -94,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     if json_path:
         record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype}
-        write_text_atomically(json_path, json.dumps(record | result.as_dict(), indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps(record | result.as_dict(), indent=2) + "\n")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:

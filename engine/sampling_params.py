@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
@@ -64,7 +65,7 @@ class SamplingParams:
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise ValueError(f"{name} must be {expected}, got {_shown(getattr(self, name))}")
+                raise ValueError(f"{name} must be {expected}, got {shown(getattr(self, name), 200)}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Ids must index the model's logits: the sampler bans stop ids by indexing them."""
@@ -77,7 +78,8 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def _shown(value, limit: int = 200) -> str:
-    """The value's repr for an error message, cut short: a 600 kB stop string is not echoed back."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
+def shown(value, limit: int = 80) -> str:
+    """A value's repr for an error message, cut short (a 600 kB stop string is not echoed back) and
+    shallow (reprlib stops a few levels down, so deep nesting cannot recurse)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -26,9 +26,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, shown
 from .async_engine import AsyncEngine, EngineClosed, Event
-from .protocol import APIError, ChatRequest, CompletionRequest, shown
+from .protocol import APIError, ChatRequest, CompletionRequest
 from .token_bytes import TokenBytes
 
 T = TypeVar("T")
@@ -152,7 +152,6 @@ class _Guard:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
-
 
     def _authorized(self, header: str) -> bool:
         """RFC 9110: the scheme is case-insensitive; the key is compared in constant time."""
@@ -301,11 +300,12 @@ class _Handlers:
         if all(isinstance(p, int) for p in prompt):
             prompt = [prompt]
         self._check_fanout(len(prompt), n)
-        for p in prompt:  # before anything decodes them: the tokenizer overflows on ids past 2**64
-            if not isinstance(p, str) and (bad := [t for t in p if not 0 <= t < self.vocab_size]):
-                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
+        for p in prompt:  # ids before anything decodes them (the tokenizer overflows past 2**64), text by length
             if isinstance(p, str):
                 self._check_chars(len(p), "prompt")
+            elif bad := [t for t in p if not 0 <= t < self.vocab_size]:
+                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
+
         def encode(text: str) -> list[int]:
             return self.tokenizer(text)["input_ids"]
 

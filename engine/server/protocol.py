@@ -7,14 +7,13 @@ or by `SamplingParams`, and any failure becomes a 400 naming the field (`param`)
 from __future__ import annotations
 
 import json
-import reprlib
 from typing import Any, Literal
 
 from fastapi.responses import Response
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, shown
 
 
 class APIError(Exception):
@@ -84,12 +83,6 @@ UNSUPPORTED = {
 }
 
 
-def shown(value: Any, limit: int = 80) -> str:
-    """A value for an error message, cut short (and shallow: reprlib stops a few levels down)."""
-    text = reprlib.repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -120,7 +113,7 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _utf8_only_and_supported(cls, data: Any) -> Any:
+    def _check_raw_body(cls, data: Any) -> Any:
         """Raised as APIError, not ValueError: pydantic lets it through, so it keeps its own `param`."""
         check_body(data)
         for name, harmless in UNSUPPORTED.items() if isinstance(data, dict) else ():
