@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PINS := torch==2.13.0 triton==3.9.0 numpy==2.4.6 transformers==5.23.0 gguf==0.19.0 safetensors==0.8.0
 STAMP := $(VENV)/.installed
 MODEL := smollm2-135m
+HEAL_STEPS ?= 60
 
 .PHONY: test demo clean-venv
 
@@ -24,18 +25,23 @@ test: $(STAMP)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc
 
-# Pull, compress with SoCo at 0.3 (a short CPU budget: ~3 min), compare perplexity on the first
-# 100k characters of valid.txt, then chat with both models through the engine.
+# Pull, compress with SoCo at 0.3 (a short CPU budget: ~3 min), heal the factors by distillation from the
+# dense model (~3 min), compare perplexity on the first 100k characters of valid.txt, then chat with the
+# compressed model before and after healing through the engine.
 COMPRESSED := models/$(MODEL)-soco-0.3
+HEALED := models/$(MODEL)-soco-0.3-healed
 PROMPT := "Write a Python function that returns the n-th Fibonacci number."
 demo: $(STAMP)
 	$(BIN)/lowrank pull $(MODEL)
 	$(BIN)/lowrank compress $(MODEL) --ratio 0.3 --method soco --samples 32 --seq-len 256 --steps 80 \
 		--out $(COMPRESSED) --force
+	$(BIN)/lowrank heal $(COMPRESSED) --steps $(HEAL_STEPS) --heal-batch-size 2 --out $(HEALED) --force
 	$(BIN)/lowrank eval $(MODEL) --max-chars 100000
 	$(BIN)/lowrank eval $(COMPRESSED) --max-chars 100000
+	$(BIN)/lowrank eval $(HEALED) --max-chars 100000
 	$(BIN)/lowrank generate $(MODEL) --chat --max-tokens 96 $(PROMPT)
 	$(BIN)/lowrank generate $(COMPRESSED) --chat --max-tokens 96 $(PROMPT)
+	$(BIN)/lowrank generate $(HEALED) --chat --max-tokens 96 $(PROMPT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""The `lowrank` command: pull, eval, generate (compress and serve join as they land).
+"""The `lowrank` command: pull, compress, heal, eval, generate, serve.
 
 It lives in `converters` because that is the one package allowed to import both sides
 (`converters` may import `engine`, never the reverse). Errors a user can fix print one line
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -98,9 +99,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
     ModelConfig.from_folder(path)  # a missing or unsupported model fails before any work
     if args.ratio is None and args.kv_ratio is None:
         raise UsageError("nothing to do: give --ratio (weights), --kv-ratio (KV cache) or both")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UsageError(f"output folder {out} exists; pass --force to replace it")
+    if args.heal_steps is None and (args.max_ratio is not None or args.resume):
+        raise UsageError("--max-ratio and --resume belong to healing: give --heal-steps too")
+    if args.heal_steps is not None and args.ratio is None:
+        raise UsageError("--heal-steps heals compressed weights: give --ratio too")
+    out = _output_folder(args)
     calib = Path(args.calib) if args.calib else default_text(DEFAULT_CALIB, "--calib")
     device = args.device or "cpu"
     config = None if args.ratio is None else CompressConfig(
@@ -111,23 +114,101 @@ def cmd_compress(args: argparse.Namespace) -> None:
         kv_ratio=args.kv_ratio, schedule=args.kv_schedule, calib=str(calib), samples=args.samples,
         seq_len=args.seq_len, device=device, seed=args.seed,
     )
-    if kv_config is None:
-        manifest = compress(path, out, config)
-    elif config is None:
-        manifest = lorc(path, out, kv_config)
-    else:  # weights first, then the latent K/V of the compressed model, into `out` atomically
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.weights-") as tmp:
+    heal_config = None if args.heal_steps is None else _heal_config(args, args.heal_steps, calib, device)
+    if heal_config is not None and heal_config.max_ratio is not None and heal_config.max_ratio < args.ratio:
+        raise UsageError(f"--max-ratio {heal_config.max_ratio} is below --ratio {args.ratio}")
+
+    def write(dest: Path) -> dict:
+        if kv_config is None:
+            return compress(path, dest, config)
+        if config is None:
+            return lorc(path, dest, kv_config)
+        # weights first, then the latent K/V of the compressed model, into `dest` atomically
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.weights-") as tmp:
             compress(path, Path(tmp) / "weights", config)
-            manifest = lorc(Path(tmp) / "weights", out, kv_config)
+            return lorc(Path(tmp) / "weights", dest, kv_config)
+
+    if heal_config is None:
+        manifest = write(out)
+    else:  # compressed into <out>.partial/compressed, then healed into out: a resumed run skips the first part
+        from dataclasses import asdict
+
+        from .heal import heal
+
+        partial = out.with_name(f"{out.name}.partial")
+        compressed, record = partial / "compressed", partial / "compress.json"
+        settings = {"model": str(path), "compress": asdict(config), "kv": None if kv_config is None else asdict(kv_config)}
+        if not (args.resume and record.is_file() and json.loads(record.read_text()) == settings):
+            shutil.rmtree(partial, ignore_errors=True)
+            write(compressed)
+            atomic_write_text(record, json.dumps(settings) + "\n")  # written last: it vouches for the folder
+        manifest = heal(compressed, out, heal_config, teacher=path, resume=args.resume, partial=partial,
+                        stop_after=args.stop_after)
+        if manifest is None:
+            print(f"stopped after {args.stop_after} healing steps; the checkpoint is in {partial}: "
+                  "run the same command with --resume to go on")
+            return
     print(rank_table(manifest))
     if manifest["method"] != "none":  # "none": a dense source whose K/V alone were factorised
         print(f"{manifest['method']} ratio {manifest['achieved_ratio']:.4f} of the decoder's linear parameters "
               f"removed; whole model {manifest['model_ratio']:.4f}")
+    if healing := manifest.get("healing"):
+        _print_healing(healing)
     print(f"wrote {out}")
     if kv := manifest.get("kv_latent"):
         print(f"KV cache: {kv['achieved_kv_ratio']:.4f} of its bytes removed ({kv['schedule']} ranks, "
               f"target {kv['kv_ratio']})")
+
+
+def cmd_heal(args: argparse.Namespace) -> None:
+    from engine.loader import read_manifest
+
+    from .heal import heal
+
+    folder = resolve_model(args.folder)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is None or not any(m.get("factorized") for m in manifest.get("modules", {}).values()):
+        raise UsageError(f"{folder} is not a compressed folder (no lowrank.json with factorised modules): "
+                         "heal the output of `lowrank compress`")
+    out = _output_folder(args)
+    if out.resolve() == folder.resolve():
+        raise UsageError(f"--out {out} is the folder being healed: write the healed model elsewhere")
+    calib = Path(args.calib) if args.calib else default_text(DEFAULT_CALIB, "--calib")
+    config = _heal_config(args, args.steps, calib, args.device or "cpu")
+    if config.max_ratio is not None and config.max_ratio < manifest["achieved_ratio"]:
+        raise UsageError(f"--max-ratio {config.max_ratio} is below the folder's ratio {manifest['achieved_ratio']:.4f}")
+    result = heal(folder, out, config, teacher=args.teacher, resume=args.resume, stop_after=args.stop_after)
+    if result is None:
+        print(f"stopped after {args.stop_after} steps; the checkpoint is in {out}.partial: "
+              "run the same command with --resume to go on")
+        return
+    _print_healing(result["healing"])
+    print(f"wrote {out}")
+
+
+def _output_folder(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"output folder {out} exists; pass --force to replace it")
+    return out
+
+
+def _heal_config(args: argparse.Namespace, steps: int, calib: Path, device: str):
+    from .heal import HealConfig
+
+    return HealConfig(steps=steps, mode=args.heal_mode, lr=args.heal_lr, batch_size=args.heal_batch_size,
+                      seq_len=args.heal_seq_len, max_ratio=args.max_ratio, train_dense=args.train_dense,
+                      train_norms=args.train_norms, hidden_weight=args.hidden_weight, calib=str(calib),
+                      device=device, seed=args.seed)
+
+
+def _print_healing(healing: dict) -> None:
+    lo, hi = healing["ratios"]
+    served = f"serves ratios {lo:.4f}-{hi:.4f}" if hi > lo else f"at ratio {lo:.4f}"
+    print(f"healed {healing['config']['steps']} steps ({healing['config']['mode']}, {served}): KL to the teacher "
+          f"{healing['first_kl']:.4f} -> {healing['final_kl']:.4f} nats (means of the first and last tenth), "
+          f"{healing['seconds']:.0f} s, peak RSS {healing['peak_rss_mib']} MiB")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -223,9 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=600, help="SoCo training steps (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--heal-steps", type=positive_int, help="then heal the factors by distillation for N steps")
+    _add_heal_options(p)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("heal", help="train a compressed folder's factors by distillation from its dense teacher")
+    p.add_argument("folder", help="a compressed folder (the output of `lowrank compress`)")
+    p.add_argument("--steps", type=positive_int, required=True, help="training steps")
+    p.add_argument("--teacher", help="the dense folder it was compressed from (default: the one lowrank.json names)")
+    p.add_argument("--calib", help="distillation text (default: ../shared/corpus/pydocs/train.txt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    _add_heal_options(p)
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(run=cmd_heal)
 
     p = sub.add_parser("generate", help="generate a completion (or a chat reply with --chat)")
     p.add_argument("model", help="model folder, or a pulled model's name")
@@ -256,6 +351,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=cmd_serve)
     return parser
+
+
+def ratio_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1), got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _add_heal_options(p: argparse.ArgumentParser) -> None:
+    """Healing's options, shared by `compress --heal-steps` and `heal` (converters.heal documents each)."""
+    p.add_argument("--max-ratio", type=ratio_value,
+                   help="train every rank prefix up to this ratio, so the folder serves any ratio in between")
+    p.add_argument("--heal-mode", default="full", choices=["full", "lora"],
+                   help="train the factors themselves (default) or a LoRA on them, merged at the end")
+    p.add_argument("--heal-lr", type=positive_float, help="relative learning rate (default 2e-3 full, 2e-2 lora)")
+    p.add_argument("--heal-batch-size", type=positive_int, default=4, help="windows per step (default 4)")
+    p.add_argument("--heal-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--train-dense", action="store_true", help="also train the linears left dense")
+    p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm weights")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of a per-layer hidden-state term beside the KL (default 0: KL only)")
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint in <out>.partial")
+    p.add_argument("--stop-after", type=positive_int,
+                   help="checkpoint and stop after N steps of this run (go on later with --resume)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

@@ -38,6 +38,7 @@ class CompressConfig:
     train_seq_len: int = 128
     batch_size: int = 2
     lr: float = 2e-2
+    progressive: bool = True  # SoCo's stage 1 ramps its target ratio (converters.soco)
     device: str = "cpu"
     seed: int = 0
 
@@ -88,7 +89,8 @@ def compress_prepared(prepared: Prepared, model_dir: str | Path, out: str | Path
     scales = None
     if config.method == "soco":
         soco = SoCoConfig(ratio=config.ratio, steps=config.steps, batch_size=config.batch_size,
-                          seq_len=config.train_seq_len, lr=config.lr, seed=config.seed)
+                          seq_len=config.train_seq_len, lr=config.lr, progressive=config.progressive,
+                          seed=config.seed)
         count = min(config.steps * config.batch_size, len(prepared.token_ids) // config.train_seq_len)
         train_windows = sample_windows(prepared.token_ids, count, config.train_seq_len, config.seed + 1)
         dense_total = sum(o * i for o, i in (f.shape for f in factors.values()))

@@ -24,10 +24,15 @@ Losses.
   L_sp  = L1 on the scores outside the keep set, applied as a proximal step sized so they reach
           exact zero at the last step.
 Stages (one run, Adam on m, lr 3e-2):
-  1. compression, steps [0, s1): L_inc + λ(t)·L_dec, λ(t) = λ0·(1 + ramp)^t. λ0 is calibrated
-     at step 0 so that L_dec's mean gradient per score equals L_inc's (the two are otherwise
-     on unrelated scales: a fixed λ = 1 moved no score to zero in 70 steps on SmolLM2). Ends
-     when the implied ratio reaches the target (or at `stage1_frac` of the steps).
+  1. compression, steps [0, s1): L_inc + λ(t)·L_dec. λ0 is calibrated at step 0 so that L_dec's
+     mean gradient per score equals L_inc's (the two are otherwise on unrelated scales: a fixed
+     λ = 1 moved no score to zero in 70 steps on SmolLM2). Progressive (the default): the target
+     itself ramps, ratio·min(1, (t + 1)/(ramp_frac·s1)), the keep set follows it, and λ grows by
+     (1 + ramp) only on steps where the implied ratio lags the ramped target, so components are
+     cut a few at a time while L_inc adapts (serving a prefix of a lower-ratio run beat training
+     straight at the higher ratio). Not progressive: the target is fixed from step 0 and
+     λ(t) = λ0·(1 + ramp)^t. Ends when the implied ratio reaches the target (or at `stage1_frac`
+     of the steps).
   2. oscillation, to `stage2_frac`: L_dec (λ frozen at its stage-1 end value) switched on while
      the implied ratio is below the target and off above it, so L_inc restores what was
      over-pruned while the ratio hovers at the target.
@@ -52,6 +57,7 @@ from engine.model import CausalLM
 from engine.rank_budget import allocate_ranks, dense_rank, uniform_priority
 from kernels import lowrank_gemm
 
+from .distill import distill_kl, head_weight
 from .factorize import Factors
 
 
@@ -69,6 +75,8 @@ class SoCoConfig:
     ramp: float = 0.05  # stage-1 growth of the L_dec weight per step (multiplicative)
     stage1_frac: float = 0.5
     stage2_frac: float = 0.75
+    progressive: bool = True  # stage 1 ramps the target ratio (see the module docstring)
+    ramp_frac: float = 0.8  # the ramped target reaches the ratio at this fraction of stage 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,6 +84,8 @@ class SoCoConfig:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.steps < 4:
             raise ValueError(f"steps must be at least 4, got {self.steps}")
+        if not 0 < self.ramp_frac <= 1:
+            raise ValueError(f"ramp_frac must be in (0, 1], got {self.ramp_frac}")
         if not 0 < self.stage1_frac <= self.stage2_frac < 1:
             raise ValueError(f"need 0 < stage1_frac <= stage2_frac < 1, got {self.stage1_frac}, {self.stage2_frac}")
 
@@ -176,10 +186,13 @@ def train_scores(
         idx = order[(torch.arange(config.batch_size) + step * config.batch_size) % len(windows)]
         batch = list(windows[idx])
         with torch.no_grad():
-            teacher_logp = F.log_softmax(torch.cat([teacher.logits(h) for h in teacher.hidden_states(batch)]).float(), -1)
-        student_logp = F.log_softmax(torch.cat([student.logits(h) for h in student.hidden_states(batch)]).float(), -1)
-        kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
-        keep = keep_masks(modules, int(target))
+            teacher_hidden = torch.cat(teacher.hidden_states(batch))
+        kl = distill_kl(torch.cat(student.hidden_states(batch)), teacher_hidden, head_weight(student))
+        goal = config.ratio
+        if stage == 1 and config.progressive:
+            goal = config.ratio * min(1.0, (step + 1) / max(1, config.ramp_frac * s1_end))
+        goal_params = (1 - goal) * dense_params
+        keep = keep_masks(modules, int(goal_params))
         params = implied_params(modules, keep)
         ratio = 1 - params.item() / dense_params
         if stage == 1 and (ratio >= config.ratio - RATIO_SLACK or step >= s1_end):
@@ -187,13 +200,16 @@ def train_scores(
         if stage == 2 and step >= s2_end:
             stage = 3
         if stage == 1 and lambda0 is not None:
-            weight = lambda0 * (1 + config.ramp) ** step
+            if config.progressive:  # grows only while the cut lags the ramped target
+                weight = (weight or lambda0) * (1 + config.ramp) ** (ratio < goal)
+            else:
+                weight = lambda0 * (1 + config.ramp) ** step
             lambda_end = weight
         elif stage == 2:
             weight = lambda_end if ratio < config.ratio else 0.0
         else:
             weight = 0.0
-        loss = kl + weight * F.relu(params / target - 1)
+        loss = kl + weight * F.relu(params / (target if stage > 1 else goal_params) - 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if lambda0 is None:  # step 0 ran on L_inc alone: match L_dec's gradient scale to it
@@ -202,7 +218,7 @@ def train_scores(
         optimizer.step()
         if stage == 3:
             _sparsify(modules, keep_masks(modules, int(target)), steps_left=config.steps - step - 1)
-        record = {"step": step, "stage": stage, "kl": kl.item(), "ratio": ratio, "lambda": weight}
+        record = {"step": step, "stage": stage, "kl": kl.item(), "ratio": ratio, "goal": goal, "lambda": weight}
         if step % 10 == 0 or step == config.steps - 1:
             history.append(record)
         bar.set_postfix(stage=stage, kl=f"{record['kl']:.4f}", ratio=f"{ratio:.3f}")

@@ -90,8 +90,7 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 def serving_ranks(path: Path, manifest: dict, files: list[Path], ratio: float | None) -> dict[str, int]:
     """Rank per factorised module: as baked, or the prefix that meets `ratio` under the global rule."""
-    modules = manifest["modules"]
-    factorized = {name: m for name, m in modules.items() if m["factorized"]}
+    factorized = {name: m for name, m in manifest["modules"].items() if m["factorized"]}
     if ratio is None:
         return {name: m["rank"] for name, m in factorized.items()}
     baked = manifest["achieved_ratio"]
@@ -99,14 +98,23 @@ def serving_ranks(path: Path, manifest: dict, files: list[Path], ratio: float | 
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     if ratio < baked - RATIO_TOLERANCE:
         raise ValueError(f"{path} was baked at ratio {baked:.4f}; it can serve ratio >= that, not {ratio}")
-    latent = {name: m["rank"] for name, m in factorized.items() if m.get("latent")}  # LoRC K/V: ranks fixed
-    scored = [name for name in factorized if name not in latent]
-    if not scored:
+    if all(m.get("latent") for m in factorized.values()):
         raise ValueError(f"{path} has no importance scores to serve another ratio from (only K/V latents)")
     scores = {}
     for file in files:
         with open_weights(file) as f:
             scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
+    return prefix_ranks(manifest, scores, ratio)
+
+
+def prefix_ranks(manifest: dict, scores: dict[str, torch.Tensor], ratio: float) -> dict[str, int]:
+    """The global rule at `ratio` over a folder's stored scores (module -> its `X.score`): the rank
+    prefix of every factorised module. LoRC K/V latents keep their ranks; dense modules stay dense.
+    What the loader serves and what healing trains at a sampled ratio."""
+    modules = manifest["modules"]
+    factorized = {name: m for name, m in modules.items() if m["factorized"]}
+    latent = {name: m["rank"] for name, m in factorized.items() if m.get("latent")}  # LoRC K/V: ranks fixed
+    scored = [name for name in factorized if name not in latent]
     total = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
     fixed = sum(m["shape"][0] * m["shape"][1] for m in modules.values() if not m["factorized"])
     fixed += sum(lowrank_params(rank, tuple(modules[name]["shape"])) for name, rank in latent.items())

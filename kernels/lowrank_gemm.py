@@ -7,9 +7,9 @@ no zeroed buffer, and the only round trip through memory is the small [splits, M
 Expand: y = t·Aᵀ + bias, tiled over (rows, out) with the full-rank loop inside.
 Both read A and B exactly once from HBM in decode; both use `tl.dot` (fp32 accumulation).
 
-`lowrank_gemm` is the Triton launcher, `LowRankGEMM` its autograd function (grads for x and
-the scale, A and B frozen: what SoCo trains), `lowrank_gemm_ref` the plain-torch reference and
-CPU path.
+`lowrank_gemm` is the Triton launcher, `LowRankGEMM` its autograd function (grads for x, the
+scale, A, B and the bias: SoCo trains the scale, healing the factors), `lowrank_gemm_ref` the
+plain-torch reference and CPU path.
 """
 
 from __future__ import annotations
@@ -239,11 +239,12 @@ def _products(use_triton: bool):
 
 
 class LowRankGEMM(torch.autograd.Function):
-    """y = ((x·Bᵀ) ⊙ s)·Aᵀ + b with gradients for x and s; A, B and b are frozen.
+    """y = ((x·Bᵀ) ⊙ s)·Aᵀ + b, differentiable in x, s, A, B and b (each only when it requires grad).
 
-    dL/ds = Σ_rows (dy·A) ⊙ (x·Bᵀ)   dL/dx = ((dy·A) ⊙ s)·B
-    Both are one more shrink (dy against Aᵀ) plus the products above, so backward runs on the
-    same two kernels as forward.
+    With g = dy·A (rows × r) and u = x·Bᵀ:
+      dL/dx = (g ⊙ s)·B    dL/ds = Σ_rows g ⊙ u    dL/dA = dyᵀ·(u ⊙ s)    dL/dB = (g ⊙ s)ᵀ·x    dL/db = Σ_rows dy
+    Every product is a shrink (a·wᵀ over some contraction) or an expand, so backward runs on the
+    same two kernels as forward; components past `rank` get zero gradients.
     """
 
     @staticmethod
@@ -259,18 +260,31 @@ class LowRankGEMM(torch.autograd.Function):
     def backward(ctx, dy):
         x, A, B, scale = ctx.saved_tensors
         r = ctx.rank
+        needs_x, needs_A, needs_B, needs_bias, needs_scale = ctx.needs_input_grad[:5]
         shrink, expand = _products(ctx.use_triton)
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).to(x.dtype)
-        g = shrink(dy2, A[:, :r].T, None)  # (rows, r) fp32 on the kernel path
-        grad_x = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            gs = g if scale is None else g * scale[:r].to(g.dtype)
-            grad_x = expand(gs, B[:r].T, None).reshape(x.shape)
-        if scale is not None and ctx.needs_input_grad[4]:
+        s = None if scale is None else scale[:r]
+        grad_x = grad_A = grad_B = grad_bias = grad_scale = None
+        if needs_x or needs_B or needs_scale:
+            g = shrink(dy2, A[:, :r].T, None)  # (rows, r) fp32 on the kernel path
+            gs = (g if s is None else g * s.to(g.dtype)).to(x.dtype)
+        if needs_A or needs_scale:
             u = shrink(x2, B[:r], None)  # recomputed: cheaper than keeping (rows, r) alive
+        if needs_x:
+            grad_x = expand(gs, B[:r].T, None).reshape(x.shape)
+        if needs_A:
+            us = (u if s is None else u * s.to(u.dtype)).to(x.dtype)
+            grad_A = torch.zeros_like(A)
+            grad_A[:, :r] = shrink(dy2.T, us.T, None).to(A.dtype)  # dyᵀ·(u ⊙ s): contracts over rows
+        if needs_B:
+            grad_B = torch.zeros_like(B)
+            grad_B[:r] = shrink(gs.T, x2.T, None).to(B.dtype)  # (g ⊙ s)ᵀ·x
+        if needs_bias:
+            grad_bias = dy2.sum(0, dtype=torch.float32).to(A.dtype)
+        if needs_scale:
             grad_scale = torch.zeros_like(scale)
             grad_scale[:r] = (g * u).sum(0).to(scale.dtype)
-        return grad_x, None, None, None, grad_scale, None, None
+        return grad_x, grad_A, grad_B, grad_bias, grad_scale, None, None
 
 
 def lowrank_gemm(
@@ -281,18 +295,15 @@ def lowrank_gemm(
     scale: torch.Tensor | None = None,
     rank: int | None = None,
 ) -> torch.Tensor:
-    """The Triton path of `lowrank_gemm_ref` (same signature); differentiable in x and scale."""
+    """The Triton path of `lowrank_gemm_ref` (same signature); differentiable in every tensor argument."""
     r = check_lowrank_args(x, A, B, bias, scale, rank)
     if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the Triton kernel takes {KERNEL_DTYPES}, got x {tuple(x.shape)} {x.dtype}")
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1, got x on {x.device}")
-    frozen = {"A": A, "B": B, "bias": bias}
-    if any(v is not None and v.requires_grad for v in frozen.values()):
-        raise ValueError("the kernel's backward treats A, B and bias as frozen; got one that requires grad")
     if x.numel() == 0 or r == 0:
         return lowrank_gemm_ref(x, A, B, bias, scale, r)
-    if torch.is_grad_enabled() and (x.requires_grad or (scale is not None and scale.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias, scale)):
         return LowRankGEMM.apply(x, A, B, bias, scale, r, True)
     x2 = x.reshape(-1, x.shape[-1])
     y = _expand(_shrink(x2, B[:r], scale), A[:, :r], bias)

@@ -100,13 +100,20 @@ def test_bake_meets_the_ratio_within_tolerance_on_a_real_sized_budget(tmp_path):
         assert abs(manifest["achieved_ratio"] - ratio) <= RATIO_TOLERANCE
 
 
-def test_short_soco_run_lowers_its_loss_and_reaches_the_ratio(tmp_path, torch_kernels):
+@pytest.mark.parametrize("progressive", [True, False])
+def test_short_soco_run_lowers_its_loss_and_reaches_the_ratio(tmp_path, torch_kernels, progressive):
     save_tiny_model(CONFIGS["llama"], tmp_path / "dense")
     teacher, factors = _factorized(tmp_path / "dense")
     dense_total = sum(o * i for o, i in (f.shape for f in factors.values()))
     windows = torch.randint(0, VOCAB, (64, 16))
-    config = SoCoConfig(ratio=0.4, steps=60, batch_size=4, seq_len=16, lr=5e-2)
+    config = SoCoConfig(ratio=0.4, steps=60, batch_size=4, seq_len=16, lr=5e-2, progressive=progressive)
     result = train_scores(teacher, factors, windows, config, dense_total)
+    stage1 = [h for h in result.history if h["stage"] == 1]
+    goals = [h["goal"] for h in stage1]
+    if progressive:  # the target ramps up through stage 1 and the cut follows it, a few components at a time
+        assert goals == sorted(goals) and goals[0] < 0.4 / 2 and stage1[0]["ratio"] < 0.4 / 2
+    else:
+        assert set(goals) == {0.4}
     stage2 = [h for h in result.history if h["stage"] == 2]
     assert stage2 and stage2[0]["ratio"] >= 0.4 - 0.05  # stage 1 reached the target
     final = result.history[-1]

@@ -1,0 +1,412 @@
+"""Healing: train a compressed folder's kept factors by distillation from its dense teacher.
+
+SoCo (and SVD-LLM's uniform ranks) only choose which components stay; the kept ones cannot move
+to absorb what was cut. Healing trains the factors A, B of every factorised linear (optionally
+the linears left dense and the norms) so that the student's next-token distributions approach
+the dense teacher's on windows of the calibration text. The loss is never a language-model loss
+on the text: the student must approach the teacher, not fit the corpus.
+
+Nested (any size from one run). With `max_ratio`, each step samples a ratio uniformly in
+[baked ratio, max_ratio], takes the rank prefix the global rule gives there over the folder's
+stored scores (`engine.loader.prefix_ranks`, what the loader serves) and distils that prefix.
+Components shared by many sizes learn from all of them, so `LLM(path, ratio=r)` serves any r in
+the range. The scores are not trained: every ratio keeps exactly the ranks it had before.
+
+Parametrisation. Bake balances the factors (√σ on each side), so their entries' scales differ by
+orders of magnitude across modules and components (whitened σ reach 1e5 where activations are
+large). Each component is trained in unit form, A = Â·diag(a), B = diag(b)·B̂ with a, b the RMS of
+A's columns and B's rows at the start (fixed, the kernel's `scale` argument carries a·b), so one
+Adam step moves every component by the same relative amount; a single absolute learning rate
+either froze the large components or wrecked the small ones.
+
+Modes. `full`: Â and B̂ are trained. `lora`: Â + P_a·Q_a and B̂ + P_b·Q_b with rank-`lora_rank`
+corrections (P zero at the start, Q Gaussian / √lora_rank), merged into A and B when written, so
+the folder keeps its shapes, its rank prefixes and its kernels.
+
+Loss. KL(teacher ‖ student) of next-token distributions, mean over tokens
+(`converters.distill.distill_kl`, fused with the head); optionally plus `hidden_weight` times
+the mean over layers of ‖h_s − h_t‖² / ‖h_t‖² of each decoder layer's output.
+
+Optimiser. Adam (β = `betas`, ε = 1e-8, no weight decay), learning rate `lr` (relative, see above;
+dense linears and norms get `lr` × the RMS of their weight) with a linear warm-up over
+`warmup_frac` of the steps and a cosine decay to `min_lr_frac`·lr; gradients clipped to global
+norm `clip`. Embeddings, the head and LoRC K/V latents stay frozen.
+
+Resume. Every `checkpoint_every` steps (and when stopped) the trainable tensors, Adam's moments
+and the step are written (one safetensors file) into `<out>.partial/`; windows and ratios are pure
+functions of (seed, step), so a resumed run ends in the same weights as an uninterrupted one.
+The healed folder itself is written atomically at the end and the partial folder removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from engine import load_model
+from engine.config import ModelFolderError
+from engine.cpu_memory import keep_freed_memory
+from engine.layers import Linear, LowRankLinear, RMSNorm
+from engine.loader import load_tokenizer, open_weights, prefix_ranks, read_manifest, weight_files
+from engine.model import CausalLM
+from kernels import lowrank_gemm
+
+from .bake import read_tensors, weights_sha256, write_folder_atomically
+from .calibrate import sample_windows, tokenize_file
+from .distill import distill_kl, head_weight
+
+HEAL_MODES = ("full", "lora")
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass(frozen=True, slots=True)
+class HealConfig:
+    steps: int
+    mode: str = "full"
+    lr: float | None = None  # relative step; None: 2e-3 (full) or 2e-2 (lora)
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    batch_size: int = 4  # windows per step
+    seq_len: int = 256  # tokens per window
+    max_ratio: float | None = None  # nested training over [baked ratio, max_ratio]
+    train_dense: bool = False  # also the linears left dense
+    train_norms: bool = False
+    lora_rank: int = 16
+    hidden_weight: float = 0.0
+    checkpoint_every: int = 25
+    calib: str = ""
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in HEAL_MODES:
+            raise ValueError(f"heal mode must be one of {', '.join(HEAL_MODES)}, got {self.mode!r}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", 2e-3 if self.mode == "full" else 2e-2)
+        for name in ("steps", "batch_size", "seq_len", "lora_rank", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"heal {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"heal lr must be positive, got {self.lr}")
+        if self.max_ratio is not None and not 0 < self.max_ratio < 1:
+            raise ValueError(f"max ratio must be in (0, 1), got {self.max_ratio}")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1 or self.hidden_weight < 0:
+            raise ValueError("need 0 <= warmup_frac < 1, 0 <= min_lr_frac <= 1 and hidden_weight >= 0")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"betas": list(self.betas)}
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to min_lr_frac·lr at the last step."""
+        warmup = int(self.warmup_frac * self.steps)
+        if step < warmup:
+            return self.lr * (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, self.steps - 1 - warmup)
+        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class HealedLowRank(nn.Module):
+    """A factorised linear in unit form for training: y = ((x·B̂ᵀ) ⊙ a·b)·Âᵀ + bias (see the module doc)."""
+
+    def __init__(self, module: LowRankLinear, mode: str, lora_rank: int, generator: torch.Generator):
+        super().__init__()
+        A, B = module.A.detach().float(), module.B.detach().float()
+        a = A.pow(2).mean(0).sqrt().clamp(min=1e-12)
+        b = B.pow(2).mean(1).sqrt().clamp(min=1e-12)
+        self.register_buffer("a", a)
+        self.register_buffer("b", b)
+        self.register_buffer("gain", a * b)
+        self.bias = None if module.bias is None else module.bias.detach().float()
+        self.rank: int | None = None  # the prefix trained this step (None: all stored components)
+        self.lora = mode == "lora"
+        train = not self.lora
+        self.A_unit = nn.Parameter((A / a).contiguous(), requires_grad=train)
+        self.B_unit = nn.Parameter((B / b[:, None]).contiguous(), requires_grad=train)
+        if self.lora:
+            (out_f, r), in_f, k = A.shape, B.shape[1], min(lora_rank, *A.shape, *B.shape)
+            self.P_a = nn.Parameter(torch.zeros(out_f, k))
+            self.Q_a = nn.Parameter(torch.randn(k, r, generator=generator) / k**0.5)
+            self.P_b = nn.Parameter(torch.zeros(r, k))
+            self.Q_b = nn.Parameter(torch.randn(k, in_f, generator=generator) / k**0.5)
+
+    def unit_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.lora:
+            return self.A_unit, self.B_unit
+        return self.A_unit + self.P_a @ self.Q_a, self.B_unit + self.P_b @ self.Q_b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.unit_factors()
+        return lowrank_gemm(x, A, B, self.bias, scale=self.gain, rank=self.rank)
+
+    @torch.no_grad()
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the folder stores them: the unit form scaled back (LoRA merged in)."""
+        A, B = self.unit_factors()
+        return A * self.a, B * self.b[:, None]
+
+
+@dataclass
+class Student:
+    model: CausalLM
+    factorised: dict[str, HealedLowRank]
+    trained: dict[str, nn.Parameter]  # every trainable tensor, by a stable name
+    groups: list[dict]  # Adam's parameter groups, with each one's learning-rate multiplier
+
+
+def build_student(folder: Path, manifest: dict, config: HealConfig) -> Student:
+    """The folder at its full stored rank in float32, factorised linears swapped for `HealedLowRank`."""
+    model = load_model(folder, dtype=torch.float32, device=config.device)
+    generator = torch.Generator().manual_seed(config.seed)
+    latent = {name for name, m in manifest["modules"].items() if m.get("latent")}
+    factorised = {}
+    for name, m in manifest["modules"].items():
+        if m["factorized"] and name not in latent:
+            parent, _, child = name.rpartition(".")
+            healed = HealedLowRank(model.get_submodule(name), config.mode, config.lora_rank, generator)
+            setattr(model.get_submodule(parent), child, healed.to(config.device))
+            factorised[name] = healed
+    trained, groups = {}, []
+    for name, module in factorised.items():
+        for leaf, p in module.named_parameters():
+            if p.requires_grad:
+                trained[f"{name}.{leaf}"] = p
+    groups.append({"params": list(trained.values()), "scale": 1.0})
+    extra = {}
+    for name, module in model.named_modules():
+        if (config.train_dense and isinstance(module, Linear) and name in manifest["modules"]) or \
+                (config.train_norms and isinstance(module, RMSNorm)):
+            extra[f"{name}.weight"] = module.weight
+    for name, p in extra.items():  # one group each: lr × that weight's RMS
+        p.requires_grad_(True)
+        trained[name] = p
+        groups.append({"params": [p], "scale": p.detach().pow(2).mean().sqrt().clamp(min=1e-12).item()})
+    return Student(model, factorised, trained, groups)
+
+
+def heal(folder: str | Path, out: str | Path, config: HealConfig, teacher: str | Path | None = None,
+         resume: bool = False, partial: Path | None = None, stop_after: int | None = None,
+         snapshot: Path | None = None) -> dict | None:
+    """Heal the compressed `folder` into `out`; returns its manifest (None when stopped early).
+
+    teacher: the dense folder it was compressed from (default: the one its manifest names, whose
+    weights must hash as recorded). resume: continue from the checkpoint in `partial` (default
+    `<out>.partial`). stop_after: checkpoint and return after this many steps (a run split over
+    several sessions); the next call with `resume` goes on from there; `snapshot`, if given, then
+    receives the weights as they are at that step, as a folder.
+    """
+    folder, out = Path(folder), Path(out)
+    partial = Path(partial) if partial is not None else out.with_name(f"{out.name}.partial")
+    manifest = read_manifest(folder)
+    if manifest is None or not any(m.get("factorized") for m in manifest.get("modules", {}).values()):
+        raise ModelFolderError(f"{folder} is not a compressed folder (no lowrank.json with factorised modules): "
+                               "run `lowrank compress` first")
+    baked = manifest["achieved_ratio"]
+    if config.max_ratio is not None and config.max_ratio < baked:
+        raise ValueError(f"max ratio {config.max_ratio} is below the folder's ratio {baked:.4f}")
+    teacher_dir = _teacher(manifest, teacher)
+    if torch.device(config.device).type == "cpu":
+        keep_freed_memory()  # activations from reused heap memory, not fresh pages (engine.cpu_memory)
+    torch.manual_seed(config.seed)
+    student = build_student(folder, manifest, config)
+    scores = _stored_scores(folder)
+    teacher_model = load_model(teacher_dir, dtype=torch.float32, device=config.device)
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    tokenizer = load_tokenizer(folder)
+    token_ids = tokenize_file(tokenizer, config.calib)
+    available = len(token_ids) // config.seq_len
+    count = min(config.steps * config.batch_size, available)
+    windows = sample_windows(token_ids, count, config.seq_len, config.seed + 2)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + 3))
+    optimizer = torch.optim.Adam(
+        [{"params": g["params"], "lr": config.lr * g["scale"]} for g in student.groups],
+        betas=config.betas, eps=1e-8)
+    fingerprint = {"config": config.as_dict(), "folder_sha256": weights_sha256(folder)}
+    start_step, history = 0, []
+    if resume and (partial / CHECKPOINT).is_file():
+        start_step, history = _load_checkpoint(partial, fingerprint, student, optimizer)
+    else:  # a fresh start: an older checkpoint goes (not the folder, where a caller may keep more)
+        (partial / CHECKPOINT).unlink(missing_ok=True)
+    timing = {"teacher": 0.0, "student": 0.0, "backward": 0.0, "optimizer": 0.0}
+    faults0, started, tokens = _minor_faults(), time.perf_counter(), 0
+    end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
+    bar = tqdm(range(start_step, end), desc="heal", unit="step", initial=start_step, total=config.steps)
+    for step in bar:
+        ratio = _ratio_at(config, baked, step)
+        ranks = prefix_ranks(manifest, scores, ratio) if config.max_ratio is not None else {}
+        for name, module in student.factorised.items():
+            module.rank = ranks.get(name)
+        batch = list(windows[order[(torch.arange(config.batch_size) + step * config.batch_size) % count]])
+        loss, kl, parts = _loss(student.model, teacher_model, batch, config.hidden_weight)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t1 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(list(student.trained.values()), config.clip)
+        for group, spec in zip(optimizer.param_groups, student.groups):
+            group["lr"] = config.lr_at(step) * spec["scale"]
+        optimizer.step()
+        t2 = time.perf_counter()
+        timing["teacher"] += parts["teacher"]
+        timing["student"] += parts["student"]
+        timing["backward"] += t1 - t0
+        timing["optimizer"] += t2 - t1
+        tokens += config.batch_size * config.seq_len
+        history.append({"step": step, "kl": round(kl, 5), "ratio": round(ratio, 4), "lr": config.lr_at(step),
+                        "seconds": round(parts["teacher"] + parts["student"] + t2 - t0, 3)})
+        bar.set_postfix(kl=f"{kl:.4f}", ratio=f"{ratio:.3f}",
+                        tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(partial, fingerprint, step + 1, history, student, optimizer)
+    if end < config.steps:
+        _save_checkpoint(partial, fingerprint, end, history, student, optimizer)
+    seconds = time.perf_counter() - started
+    tail = max(1, len(history) // 10)
+    record = {
+        "config": config.as_dict(), "teacher": {"path": str(teacher_dir), "weights_sha256": weights_sha256(teacher_dir)},
+        "ratios": [baked, config.max_ratio if config.max_ratio is not None else baked],
+        "calibration": {"file": config.calib, "windows": count, "tokens_per_step": config.batch_size * config.seq_len},
+        "trainable_params": sum(p.numel() for p in student.trained.values()),
+        "steps_done": end, "resumed_at": start_step or None,
+        "seconds": round(sum(h["seconds"] for h in history), 1),  # training steps only, over every resumed part
+        "step_seconds": {k: round(v / max(1, end - start_step), 3) for k, v in timing.items()},
+        "minor_faults_per_second": round((_minor_faults() - faults0) / seconds),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "first_kl": round(sum(h["kl"] for h in history[:tail]) / tail, 5),  # mean over the first tenth of the steps
+        "final_kl": round(sum(h["kl"] for h in history[-tail:]) / tail, 5),  # ... and over the last tenth
+        "history": history[::10] + ([history[-1]] if (len(history) - 1) % 10 else []),
+    }
+    if end < config.steps:
+        if snapshot is not None:  # the weights as they are mid-schedule, e.g. for a perplexity-vs-steps curve
+            write_healed(folder, Path(snapshot), student, manifest | {"healing": record})
+        return None
+    result = write_healed(folder, out, student, manifest | {"healing": record})
+    shutil.rmtree(partial, ignore_errors=True)
+    return result
+
+
+def _loss(student: CausalLM, teacher: CausalLM, batch: list[torch.Tensor], hidden_weight: float):
+    """(loss, KL as a float, seconds of the teacher's and the student's forward passes)."""
+    t0 = time.perf_counter()
+    with torch.no_grad(), _layer_outputs(teacher, hidden_weight > 0) as teacher_layers:
+        teacher_hidden = torch.cat(teacher.hidden_states(batch))
+    t1 = time.perf_counter()
+    with _layer_outputs(student, hidden_weight > 0) as student_layers:
+        student_hidden = torch.cat(student.hidden_states(batch))
+    kl = distill_kl(student_hidden, teacher_hidden, head_weight(student))
+    loss = kl
+    if hidden_weight > 0:
+        terms = [(s - t).pow(2).sum() / t.pow(2).sum() for s, t in zip(student_layers, teacher_layers)]
+        loss = kl + hidden_weight * torch.stack(terms).mean()
+    return loss, kl.item(), {"teacher": t1 - t0, "student": time.perf_counter() - t1}
+
+
+class _layer_outputs:
+    """Collect each decoder layer's output during a forward pass (when `on`)."""
+
+    def __init__(self, model: CausalLM, on: bool):
+        self.model, self.on, self.outputs, self.handles = model, on, [], []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        if self.on:
+            for layer in self.model.model.layers:
+                self.handles.append(layer.register_forward_hook(lambda m, i, o: self.outputs.append(o)))
+        return self.outputs
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _ratio_at(config: HealConfig, baked: float, step: int) -> float:
+    """The ratio trained at `step`: the folder's own, or a draw in [baked, max_ratio] fixed by (seed, step)."""
+    if config.max_ratio is None:
+        return baked
+    u = torch.rand((), generator=torch.Generator().manual_seed(config.seed * 1_000_003 + step)).item()
+    return baked + (config.max_ratio - baked) * u
+
+
+def _teacher(manifest: dict, teacher: str | Path | None) -> Path:
+    source = manifest.get("source") or {}
+    path = Path(teacher) if teacher is not None else Path(source.get("path", ""))
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"the dense teacher {str(path) or '(none recorded)'} is not a model folder: "
+                               "pass the folder this model was compressed from as the teacher")
+    if "weights_sha256" in source and weights_sha256(path) != source["weights_sha256"]:
+        raise ModelFolderError(f"the teacher {path} is not the model this folder was compressed from "
+                               "(its weights' sha256 differs from the one lowrank.json records)")
+    return path
+
+
+def _stored_scores(folder: Path) -> dict[str, torch.Tensor]:
+    scores = {}
+    for file in weight_files(folder):
+        with open_weights(file) as f:
+            scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
+    return scores
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def write_healed(folder: Path, out: Path, student: Student, manifest: dict) -> dict:
+    """The input folder with its trained tensors replaced (in the folder's own dtype), atomically."""
+    tensors = read_tensors(folder)
+    updates = {}
+    for name, module in student.factorised.items():
+        updates[f"{name}.A"], updates[f"{name}.B"] = module.merged()
+    for name, p in student.trained.items():
+        if name.endswith(".weight"):
+            updates[name] = p.detach()
+    for name, value in updates.items():
+        tensors[name] = value.to(tensors[name].dtype).contiguous()
+    write_folder_atomically(folder, out, tensors, manifest)
+    return manifest
+
+
+def _save_checkpoint(partial: Path, fingerprint: dict, step: int, history: list, student: Student,
+                     optimizer: torch.optim.Optimizer) -> None:
+    """Trainable tensors, Adam's state and the progress at `step` in one safetensors file (the
+    progress as its JSON metadata), renamed into place: a crash mid-write keeps the previous one."""
+    partial.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{name}": p.detach().contiguous() for name, p in student.trained.items()}
+    for name, p in student.trained.items():
+        if state := optimizer.state.get(p):
+            tensors[f"adam.{name}.exp_avg"] = state["exp_avg"].contiguous()
+            tensors[f"adam.{name}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+            tensors[f"adam.{name}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    progress = json.dumps(fingerprint | {"step": step, "history": history})
+    save_file(tensors, str(partial / f"{CHECKPOINT}.new"), metadata={"progress": progress})
+    (partial / f"{CHECKPOINT}.new").replace(partial / CHECKPOINT)
+
+
+def _load_checkpoint(partial: Path, fingerprint: dict, student: Student,
+                     optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+    with open_weights(partial / CHECKPOINT) as f:
+        progress = json.loads(f.metadata()["progress"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    mismatched = [k for k in fingerprint if progress.get(k) != fingerprint[k]]
+    if mismatched:
+        raise ValueError(f"the checkpoint in {partial} was written for another folder or other settings "
+                         f"({', '.join(mismatched)} differ): drop --resume to start over")
+    with torch.no_grad():
+        for name, p in student.trained.items():
+            p.copy_(tensors[f"param.{name}"])
+            if f"adam.{name}.exp_avg" in tensors:
+                optimizer.state[p] = {"step": tensors[f"adam.{name}.step"].reshape(()).clone(),
+                                      "exp_avg": tensors[f"adam.{name}.exp_avg"].to(p.device),
+                                      "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(p.device)}
+    return progress["step"], progress["history"]
