@@ -261,14 +261,22 @@ positive_int = int_in(1, None, "a positive integer")
 port_number = int_in(0, 65535, "a TCP port in [0, 65535]")
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
-    return value
+def float_in(accepts, what: str):
+    """An argparse type: a float for which `accepts(value)` holds."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+seconds = float_in(lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0")
+ratio_value = float_in(lambda v: 0 < v < 1, "a ratio in (0, 1)")
+positive_float = float_in(lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,33 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def ratio_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1), got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def _add_heal_options(p: argparse.ArgumentParser) -> None:
     """Healing's options, shared by `compress --heal-steps` and `heal` (converters.heal documents each)."""
     p.add_argument("--max-ratio", type=ratio_value,
                    help="train every rank prefix up to this ratio, so the folder serves any ratio in between")
     p.add_argument("--heal-mode", default="full", choices=["full", "lora"],
                    help="train the factors themselves (default) or a LoRA on them, merged at the end")
-    p.add_argument("--heal-lr", type=positive_float, help="relative learning rate (default 2e-3 full, 2e-2 lora)")
+    p.add_argument("--heal-lr", type=positive_float, help="relative learning rate (default 1e-3 full, 1e-2 lora)")
     p.add_argument("--heal-batch-size", type=positive_int, default=4, help="windows per step (default 4)")
     p.add_argument("--heal-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
     p.add_argument("--train-dense", action="store_true", help="also train the linears left dense")

@@ -73,7 +73,7 @@ CHECKPOINT = "checkpoint.safetensors"
 class HealConfig:
     steps: int
     mode: str = "full"
-    lr: float | None = None  # relative step; None: 2e-3 (full) or 2e-2 (lora)
+    lr: float | None = None  # relative step; None: 1e-3 (full) or 1e-2 (lora)
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -94,7 +94,7 @@ class HealConfig:
         if self.mode not in HEAL_MODES:
             raise ValueError(f"heal mode must be one of {', '.join(HEAL_MODES)}, got {self.mode!r}")
         if self.lr is None:
-            object.__setattr__(self, "lr", 2e-3 if self.mode == "full" else 2e-2)
+            object.__setattr__(self, "lr", 1e-3 if self.mode == "full" else 1e-2)
         for name in ("steps", "batch_size", "seq_len", "lora_rank", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"heal {name} must be a positive integer, got {getattr(self, name)!r}")
@@ -208,93 +208,110 @@ def heal(folder: str | Path, out: str | Path, config: HealConfig, teacher: str |
     """
     folder, out = Path(folder), Path(out)
     partial = Path(partial) if partial is not None else out.with_name(f"{out.name}.partial")
-    manifest = read_manifest(folder)
-    if manifest is None or not any(m.get("factorized") for m in manifest.get("modules", {}).values()):
-        raise ModelFolderError(f"{folder} is not a compressed folder (no lowrank.json with factorised modules): "
-                               "run `lowrank compress` first")
-    baked = manifest["achieved_ratio"]
-    if config.max_ratio is not None and config.max_ratio < baked:
-        raise ValueError(f"max ratio {config.max_ratio} is below the folder's ratio {baked:.4f}")
-    teacher_dir = _teacher(manifest, teacher)
-    if torch.device(config.device).type == "cpu":
-        keep_freed_memory()  # activations from reused heap memory, not fresh pages (engine.cpu_memory)
-    torch.manual_seed(config.seed)
-    student = build_student(folder, manifest, config)
-    scores = _stored_scores(folder)
-    teacher_model = load_model(teacher_dir, dtype=torch.float32, device=config.device)
-    for p in teacher_model.parameters():
-        p.requires_grad_(False)
-    tokenizer = load_tokenizer(folder)
-    token_ids = tokenize_file(tokenizer, config.calib)
-    available = len(token_ids) // config.seq_len
-    count = min(config.steps * config.batch_size, available)
-    windows = sample_windows(token_ids, count, config.seq_len, config.seed + 2)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + 3))
-    optimizer = torch.optim.Adam(
-        [{"params": g["params"], "lr": config.lr * g["scale"]} for g in student.groups],
-        betas=config.betas, eps=1e-8)
-    fingerprint = {"config": config.as_dict(), "folder_sha256": weights_sha256(folder)}
-    start_step, history = 0, []
+    run = _Run(folder, config, teacher)
     if resume and (partial / CHECKPOINT).is_file():
-        start_step, history = _load_checkpoint(partial, fingerprint, student, optimizer)
+        run.start, run.history = _load_checkpoint(partial, run.fingerprint, run.student, run.optimizer)
     else:  # a fresh start: an older checkpoint goes (not the folder, where a caller may keep more)
         (partial / CHECKPOINT).unlink(missing_ok=True)
-    timing = {"teacher": 0.0, "student": 0.0, "backward": 0.0, "optimizer": 0.0}
-    faults0, started, tokens = _minor_faults(), time.perf_counter(), 0
-    end = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
-    bar = tqdm(range(start_step, end), desc="heal", unit="step", initial=start_step, total=config.steps)
+    end = config.steps if stop_after is None else min(config.steps, run.start + stop_after)
+    bar = tqdm(range(run.start, end), desc="heal", unit="step", initial=run.start, total=config.steps)
     for step in bar:
-        ratio = _ratio_at(config, baked, step)
-        ranks = prefix_ranks(manifest, scores, ratio) if config.max_ratio is not None else {}
+        run.step(step)
+        bar.set_postfix(kl=f"{run.history[-1]['kl']:.4f}", ratio=f"{run.history[-1]['ratio']:.3f}",
+                        tok_s=f"{run.tokens_per_second():.0f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < end:
+            _save_checkpoint(partial, run.fingerprint, step + 1, run.history, run.student, run.optimizer)
+    manifest = run.manifest | {"healing": run.record(end)}
+    if end < config.steps:
+        _save_checkpoint(partial, run.fingerprint, end, run.history, run.student, run.optimizer)
+        if snapshot is not None:  # the weights as they are mid-schedule, e.g. for a perplexity-vs-steps curve
+            write_healed(folder, Path(snapshot), run.student, manifest)
+        return None
+    write_healed(folder, out, run.student, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
+class _Run:
+    """Everything one healing run holds: student, teacher, windows, optimiser, history and timings."""
+
+    def __init__(self, folder: Path, config: HealConfig, teacher: str | Path | None):
+        manifest = read_manifest(folder)
+        if manifest is None or not any(m.get("factorized") for m in manifest.get("modules", {}).values()):
+            raise ModelFolderError(f"{folder} is not a compressed folder (no lowrank.json with factorised modules): "
+                                   "run `lowrank compress` first")
+        self.baked = manifest["achieved_ratio"]
+        if config.max_ratio is not None and config.max_ratio < self.baked:
+            raise ValueError(f"max ratio {config.max_ratio} is below the folder's ratio {self.baked:.4f}")
+        self.folder, self.config, self.manifest = folder, config, manifest
+        self.teacher_dir = _teacher(manifest, teacher)
+        if torch.device(config.device).type == "cpu":
+            keep_freed_memory()  # activations from reused heap memory, not fresh pages (engine.cpu_memory)
+        torch.manual_seed(config.seed)
+        self.student = build_student(folder, manifest, config)
+        self.scores = _stored_scores(folder)
+        self.teacher = load_model(self.teacher_dir, dtype=torch.float32, device=config.device)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        token_ids = tokenize_file(load_tokenizer(folder), config.calib)
+        self.count = min(config.steps * config.batch_size, len(token_ids) // config.seq_len)
+        self.windows = sample_windows(token_ids, self.count, config.seq_len, config.seed + 2)
+        self.order = torch.randperm(self.count, generator=torch.Generator().manual_seed(config.seed + 3))
+        self.optimizer = torch.optim.Adam(
+            [{"params": g["params"], "lr": config.lr * g["scale"]} for g in self.student.groups],
+            betas=config.betas, eps=1e-8)
+        self.fingerprint = {"config": config.as_dict(), "folder_sha256": weights_sha256(folder)}
+        self.start, self.history = 0, []
+        self.timing = {"teacher": 0.0, "student": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.faults0, self.started, self.tokens = _minor_faults(), time.perf_counter(), 0
+
+    def step(self, step: int) -> None:
+        config, student = self.config, self.student
+        ratio = _ratio_at(config, self.baked, step)
+        ranks = prefix_ranks(self.manifest, self.scores, ratio) if config.max_ratio is not None else {}
         for name, module in student.factorised.items():
             module.rank = ranks.get(name)
-        batch = list(windows[order[(torch.arange(config.batch_size) + step * config.batch_size) % count]])
-        loss, kl, parts = _loss(student.model, teacher_model, batch, config.hidden_weight)
+        batch = list(self.windows[self.order[(torch.arange(config.batch_size) + step * config.batch_size) % self.count]])
+        loss, kl, parts = _loss(student.model, self.teacher, batch, config.hidden_weight)
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t1 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(list(student.trained.values()), config.clip)
-        for group, spec in zip(optimizer.param_groups, student.groups):
+        for group, spec in zip(self.optimizer.param_groups, student.groups):
             group["lr"] = config.lr_at(step) * spec["scale"]
-        optimizer.step()
+        self.optimizer.step()
         t2 = time.perf_counter()
-        timing["teacher"] += parts["teacher"]
-        timing["student"] += parts["student"]
-        timing["backward"] += t1 - t0
-        timing["optimizer"] += t2 - t1
-        tokens += config.batch_size * config.seq_len
-        history.append({"step": step, "kl": round(kl, 5), "ratio": round(ratio, 4), "lr": config.lr_at(step),
-                        "seconds": round(parts["teacher"] + parts["student"] + t2 - t0, 3)})
-        bar.set_postfix(kl=f"{kl:.4f}", ratio=f"{ratio:.3f}",
-                        tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            _save_checkpoint(partial, fingerprint, step + 1, history, student, optimizer)
-    if end < config.steps:
-        _save_checkpoint(partial, fingerprint, end, history, student, optimizer)
-    seconds = time.perf_counter() - started
-    tail = max(1, len(history) // 10)
-    record = {
-        "config": config.as_dict(), "teacher": {"path": str(teacher_dir), "weights_sha256": weights_sha256(teacher_dir)},
-        "ratios": [baked, config.max_ratio if config.max_ratio is not None else baked],
-        "calibration": {"file": config.calib, "windows": count, "tokens_per_step": config.batch_size * config.seq_len},
-        "trainable_params": sum(p.numel() for p in student.trained.values()),
-        "steps_done": end, "resumed_at": start_step or None,
-        "seconds": round(sum(h["seconds"] for h in history), 1),  # training steps only, over every resumed part
-        "step_seconds": {k: round(v / max(1, end - start_step), 3) for k, v in timing.items()},
-        "minor_faults_per_second": round((_minor_faults() - faults0) / seconds),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "first_kl": round(sum(h["kl"] for h in history[:tail]) / tail, 5),  # mean over the first tenth of the steps
-        "final_kl": round(sum(h["kl"] for h in history[-tail:]) / tail, 5),  # ... and over the last tenth
-        "history": history[::10] + ([history[-1]] if (len(history) - 1) % 10 else []),
-    }
-    if end < config.steps:
-        if snapshot is not None:  # the weights as they are mid-schedule, e.g. for a perplexity-vs-steps curve
-            write_healed(folder, Path(snapshot), student, manifest | {"healing": record})
-        return None
-    result = write_healed(folder, out, student, manifest | {"healing": record})
-    shutil.rmtree(partial, ignore_errors=True)
-    return result
+        for phase, seconds in (*parts.items(), ("backward", t1 - t0), ("optimizer", t2 - t1)):
+            self.timing[phase] += seconds
+        self.tokens += config.batch_size * config.seq_len
+        self.history.append({"step": step, "kl": round(kl, 5), "ratio": round(ratio, 4), "lr": config.lr_at(step),
+                             "seconds": round(sum(parts.values()) + t2 - t0, 3)})
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / (time.perf_counter() - self.started)
+
+    def record(self, end: int) -> dict:
+        """What lowrank.json keeps of the run: settings, teacher, timings, memory, the KL's course."""
+        config, history = self.config, self.history
+        seconds = time.perf_counter() - self.started
+        tail = max(1, len(history) // 10)
+        return {
+            "config": config.as_dict(),
+            "teacher": {"path": str(self.teacher_dir), "weights_sha256": weights_sha256(self.teacher_dir)},
+            "ratios": [self.baked, config.max_ratio if config.max_ratio is not None else self.baked],
+            "calibration": {"file": config.calib, "windows": self.count,
+                            "tokens_per_step": config.batch_size * config.seq_len},
+            "trainable_params": sum(p.numel() for p in self.student.trained.values()),
+            "steps_done": end, "resumed_at": self.start or None,
+            "seconds": round(sum(h["seconds"] for h in history), 1),  # training steps only, over every resumed part
+            "step_seconds": {k: round(v / max(1, end - self.start), 3) for k, v in self.timing.items()},
+            "minor_faults_per_second": round((_minor_faults() - self.faults0) / seconds),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "first_kl": round(sum(h["kl"] for h in history[:tail]) / tail, 5),  # mean over the first tenth of the steps
+            "final_kl": round(sum(h["kl"] for h in history[-tail:]) / tail, 5),  # ... and over the last tenth
+            "history": history[::10] + ([history[-1]] if (len(history) - 1) % 10 else []),
+        }
 
 
 def _loss(student: CausalLM, teacher: CausalLM, batch: list[torch.Tensor], hidden_weight: float):
@@ -362,7 +379,7 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def write_healed(folder: Path, out: Path, student: Student, manifest: dict) -> dict:
+def write_healed(folder: Path, out: Path, student: Student, manifest: dict) -> None:
     """The input folder with its trained tensors replaced (in the folder's own dtype), atomically."""
     tensors = read_tensors(folder)
     updates = {}
@@ -374,7 +391,6 @@ def write_healed(folder: Path, out: Path, student: Student, manifest: dict) -> d
     for name, value in updates.items():
         tensors[name] = value.to(tensors[name].dtype).contiguous()
     write_folder_atomically(folder, out, tensors, manifest)
-    return manifest
 
 
 def _save_checkpoint(partial: Path, fingerprint: dict, step: int, history: list, student: Student,
