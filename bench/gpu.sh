@@ -13,7 +13,7 @@ OUT=${OUT:-bench/results/raw}
 mkdir -p "$OUT"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU: torch.cuda.is_available() is False')"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_lowrank_gemm.py tests/test_paged_decode.py \
-    tests/test_latent_attention.py \
+    tests/test_latent_attention.py tests/test_heal.py::test_healing_on_cuda_lowers_the_kl_through_the_compiled_kernels \
     -o addopts="-ra --benchmark-disable" 2>&1 | tee "$OUT/cuda-tests.log"
 "$PY" -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-enable \
     --benchmark-json="$OUT/kernels.json" 2>&1 | tee "$OUT/kernels-bench.log" | tail -n 5

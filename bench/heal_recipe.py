@@ -51,7 +51,8 @@ def write_report(runs: list[dict]) -> None:
     steps = sorted({s for run in runs for s, _ in run["curve"]})
     lines = ["# Healing recipe: KL to the dense teacher on train.txt windows (SmolLM2-135M)", "",
              "Short runs from the same folder, the same windows in the same order; KL of that step's fresh",
-             "batch (4 × 256 tokens, never seen before), in nats. Lower is better. valid.txt is not read.", "",
+             "batch (4 × 256 tokens, never seen before), in nats. Lower is better. valid.txt is not read.",
+             "s/step depends on what else shared the 2 cores (a test run, for the slowest rows).", "",
              "| folder | settings | " + " | ".join(f"step {s}" for s in steps) + " | trainable | s/step |",
              "|---|---|" + "---|" * len(steps) + "---|---|"]
     for run in runs:

@@ -111,10 +111,7 @@ class Runner:
             manifest = heal(source, out, config, teacher=self.model_dir, resume=True, stop_after=self.args.chunk,
                             snapshot=snapshot)
             if curve and snapshot is not None and snapshot.exists():
-                done = read_manifest(snapshot)["healing"]["steps_done"]
-                self.table.cells.setdefault(CURVE, {"points": []})
-                points = dict(self.table.cells[CURVE]["points"]) | {str(done): held_out_ppl(snapshot, self.valid)}
-                self.table.save(CURVE, {"points": sorted(points.items(), key=lambda kv: int(kv[0]))})
+                self._add_point(read_manifest(snapshot)["healing"]["steps_done"], held_out_ppl(snapshot, self.valid))
             if manifest is not None:
                 return manifest
         return None
@@ -132,10 +129,17 @@ class Runner:
         if manifest is None:
             return
         record = manifest["healing"]
-        self.table.save(key, {"ppl": held_out_ppl(out, self.valid), "achieved_ratio": manifest["achieved_ratio"],
+        ppl = held_out_ppl(out, self.valid)
+        self.table.save(key, {"ppl": ppl, "achieved_ratio": manifest["achieved_ratio"],
                               "heal_seconds": record["seconds"], "heal_steps": record["config"]["steps"],
                               "final_kl": record["final_kl"], "step_seconds": record["step_seconds"],
                               "peak_rss_mib": record["peak_rss_mib"], "heal": record["config"]})
+        if curve:
+            self._add_point(record["steps_done"], ppl)
+
+    def _add_point(self, steps: int, ppl: float) -> None:
+        points = dict(self.table.cells.get(CURVE, {}).get("points", [])) | {str(steps): ppl}
+        self.table.save(CURVE, {"points": sorted(points.items(), key=lambda kv: int(kv[0]))})
 
     def nested_cells(self, ratios: list[float]) -> None:
         lo, hi = NESTED_RANGE
@@ -209,6 +213,10 @@ def main() -> None:
     write_report(table.cells)
 
 
+def _ppl(ppl: float, dense: float) -> str:
+    return f"{ppl:.3f} ({ppl / dense:.2f}×)" if ppl < 1e4 else f"{ppl:.1e}"
+
+
 def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
 
@@ -237,8 +245,7 @@ def write_report(results: dict) -> None:
     for row in ROWS:
         cells = [results.get(f"{row}@{r}") for r in ratios]
         if any(cells):
-            lines.append(f"| {row} | " + " | ".join(
-                f"{c['ppl']:.3f} ({c['ppl'] / dense:.2f}×)" if c else "–" for c in cells) + " |")
+            lines.append(f"| {row} | " + " | ".join(_ppl(c["ppl"], dense) if c else "–" for c in cells) + " |")
     lines += ["", "Cells: achieved ratio, and the CPU time each took on this machine (2-core Zen 3): `prepare` =",
               "load + calibration + factorisation, shared by a method's ratios; `compress` = SoCo training + bake;",
               "`heal` = healing steps (teacher and student forward, backward, Adam).", "",

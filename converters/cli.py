@@ -199,7 +199,7 @@ def _heal_config(args: argparse.Namespace, steps: int, calib: Path, device: str)
 
     return HealConfig(steps=steps, mode=args.heal_mode, lr=args.heal_lr, batch_size=args.heal_batch_size,
                       seq_len=args.heal_seq_len, max_ratio=args.max_ratio, train_dense=args.train_dense,
-                      train_norms=args.train_norms, hidden_weight=args.hidden_weight, calib=str(calib),
+                      train_norms=not args.freeze_norms, hidden_weight=args.hidden_weight, calib=str(calib),
                       device=device, seed=args.seed)
 
 
@@ -367,11 +367,11 @@ def _add_heal_options(p: argparse.ArgumentParser) -> None:
                    help="train every rank prefix up to this ratio, so the folder serves any ratio in between")
     p.add_argument("--heal-mode", default="full", choices=["full", "lora"],
                    help="train the factors themselves (default) or a LoRA on them, merged at the end")
-    p.add_argument("--heal-lr", type=positive_float, help="relative learning rate (default 1e-3 full, 1e-2 lora)")
+    p.add_argument("--heal-lr", type=positive_float, help="relative learning rate (default 1e-3 full, 3e-3 lora)")
     p.add_argument("--heal-batch-size", type=positive_int, default=4, help="windows per step (default 4)")
     p.add_argument("--heal-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
     p.add_argument("--train-dense", action="store_true", help="also train the linears left dense")
-    p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm weights")
+    p.add_argument("--freeze-norms", action="store_true", help="keep the RMSNorm weights as they are (trained by default)")
     p.add_argument("--hidden-weight", type=float, default=0.0,
                    help="weight of a per-layer hidden-state term beside the KL (default 0: KL only)")
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in <out>.partial")

@@ -1,8 +1,8 @@
 """Healing: train a compressed folder's kept factors by distillation from its dense teacher.
 
 SoCo (and SVD-LLM's uniform ranks) only choose which components stay; the kept ones cannot move
-to absorb what was cut. Healing trains the factors A, B of every factorised linear (optionally
-the linears left dense and the norms) so that the student's next-token distributions approach
+to absorb what was cut. Healing trains the factors A, B of every factorised linear and the
+RMSNorm weights (optionally also the linears left dense) so that the student's next-token distributions approach
 the dense teacher's on windows of the calibration text. The loss is never a language-model loss
 on the text: the student must approach the teacher, not fit the corpus.
 
@@ -73,7 +73,7 @@ CHECKPOINT = "checkpoint.safetensors"
 class HealConfig:
     steps: int
     mode: str = "full"
-    lr: float | None = None  # relative step; None: 1e-3 (full) or 1e-2 (lora)
+    lr: float | None = None  # relative step; None: 1e-3 (full) or 3e-3 (lora), from bench/results/heal-recipe.md
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -82,7 +82,7 @@ class HealConfig:
     seq_len: int = 256  # tokens per window
     max_ratio: float | None = None  # nested training over [baked ratio, max_ratio]
     train_dense: bool = False  # also the linears left dense
-    train_norms: bool = False
+    train_norms: bool = True  # a consistent small gain for 35k parameters (bench/results/heal-recipe.md)
     lora_rank: int = 16
     hidden_weight: float = 0.0
     checkpoint_every: int = 25
@@ -94,7 +94,7 @@ class HealConfig:
         if self.mode not in HEAL_MODES:
             raise ValueError(f"heal mode must be one of {', '.join(HEAL_MODES)}, got {self.mode!r}")
         if self.lr is None:
-            object.__setattr__(self, "lr", 1e-3 if self.mode == "full" else 1e-2)
+            object.__setattr__(self, "lr", 1e-3 if self.mode == "full" else 3e-3)
         for name in ("steps", "batch_size", "seq_len", "lora_rank", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"heal {name} must be a positive integer, got {getattr(self, name)!r}")
@@ -389,7 +389,7 @@ def write_healed(folder: Path, out: Path, student: Student, manifest: dict) -> N
         if name.endswith(".weight"):
             updates[name] = p.detach()
     for name, value in updates.items():
-        tensors[name] = value.to(tensors[name].dtype).contiguous()
+        tensors[name] = value.to("cpu", tensors[name].dtype).contiguous()
     write_folder_atomically(folder, out, tensors, manifest)
 
 
@@ -398,12 +398,12 @@ def _save_checkpoint(partial: Path, fingerprint: dict, step: int, history: list,
     """Trainable tensors, Adam's state and the progress at `step` in one safetensors file (the
     progress as its JSON metadata), renamed into place: a crash mid-write keeps the previous one."""
     partial.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{name}": p.detach().contiguous() for name, p in student.trained.items()}
+    tensors = {f"param.{name}": p.detach().cpu().contiguous() for name, p in student.trained.items()}
     for name, p in student.trained.items():
         if state := optimizer.state.get(p):
-            tensors[f"adam.{name}.exp_avg"] = state["exp_avg"].contiguous()
-            tensors[f"adam.{name}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
-            tensors[f"adam.{name}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+            tensors[f"adam.{name}.exp_avg"] = state["exp_avg"].cpu().contiguous()
+            tensors[f"adam.{name}.exp_avg_sq"] = state["exp_avg_sq"].cpu().contiguous()
+            tensors[f"adam.{name}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
     progress = json.dumps(fingerprint | {"step": step, "history": history})
     save_file(tensors, str(partial / f"{CHECKPOINT}.new"), metadata={"progress": progress})
     (partial / f"{CHECKPOINT}.new").replace(partial / CHECKPOINT)

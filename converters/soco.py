@@ -26,13 +26,12 @@ Losses.
 Stages (one run, Adam on m, lr 3e-2):
   1. compression, steps [0, s1): L_inc + λ(t)·L_dec. λ0 is calibrated at step 0 so that L_dec's
      mean gradient per score equals L_inc's (the two are otherwise on unrelated scales: a fixed
-     λ = 1 moved no score to zero in 70 steps on SmolLM2). Progressive (the default): the target
-     itself ramps, ratio·min(1, (t + 1)/(ramp_frac·s1)), the keep set follows it, and λ grows by
-     (1 + ramp) only on steps where the implied ratio lags the ramped target, so components are
-     cut a few at a time while L_inc adapts (serving a prefix of a lower-ratio run beat training
-     straight at the higher ratio). Not progressive: the target is fixed from step 0 and
-     λ(t) = λ0·(1 + ramp)^t. Ends when the implied ratio reaches the target (or at `stage1_frac`
-     of the steps).
+     λ = 1 moved no score to zero in 70 steps on SmolLM2); λ(t) = λ0·(1 + ramp)^t. Progressive
+     (the default): the target itself ramps too, ratio·min(1, (t + 1)/(ramp_frac·s1)), and the
+     keep set and L_dec follow it, so components are cut a few at a time while L_inc adapts
+     (serving a prefix of a lower-ratio run beat training straight at the higher ratio). Not
+     progressive: the target is the ratio from step 0. Ends when the implied ratio reaches the
+     target (or at `stage1_frac` of the steps).
   2. oscillation, to `stage2_frac`: L_dec (λ frozen at its stage-1 end value) switched on while
      the implied ratio is below the target and off above it, so L_inc restores what was
      over-pruned while the ratio hovers at the target.
@@ -76,7 +75,8 @@ class SoCoConfig:
     stage1_frac: float = 0.5
     stage2_frac: float = 0.75
     progressive: bool = True  # stage 1 ramps the target ratio (see the module docstring)
-    ramp_frac: float = 0.8  # the ramped target reaches the ratio at this fraction of stage 1
+    ramp_frac: float = 0.5  # the ramped target reaches the ratio at this fraction of stage 1 (then
+    # the last scores it reaches still have the ~1/lr Adam steps they need to fall from 1 to 0)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -200,10 +200,7 @@ def train_scores(
         if stage == 2 and step >= s2_end:
             stage = 3
         if stage == 1 and lambda0 is not None:
-            if config.progressive:  # grows only while the cut lags the ramped target
-                weight = (weight or lambda0) * (1 + config.ramp) ** (ratio < goal)
-            else:
-                weight = lambda0 * (1 + config.ramp) ** step
+            weight = lambda0 * (1 + config.ramp) ** step
             lambda_end = weight
         elif stage == 2:
             weight = lambda_end if ratio < config.ratio else 0.0

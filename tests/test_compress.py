@@ -106,7 +106,7 @@ def test_short_soco_run_lowers_its_loss_and_reaches_the_ratio(tmp_path, torch_ke
     teacher, factors = _factorized(tmp_path / "dense")
     dense_total = sum(o * i for o, i in (f.shape for f in factors.values()))
     windows = torch.randint(0, VOCAB, (64, 16))
-    config = SoCoConfig(ratio=0.4, steps=60, batch_size=4, seq_len=16, lr=5e-2, progressive=progressive)
+    config = SoCoConfig(ratio=0.4, steps=100, batch_size=4, seq_len=16, lr=5e-2, progressive=progressive)
     result = train_scores(teacher, factors, windows, config, dense_total)
     stage1 = [h for h in result.history if h["stage"] == 1]
     goals = [h["goal"] for h in stage1]
