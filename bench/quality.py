@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from converters.atomic import atomic_write_text  # noqa: E402
 from converters.compress import CompressConfig, compress_prepared, prepare  # noqa: E402
 from converters.heal import HealConfig, heal  # noqa: E402
 from converters.pull import pull  # noqa: E402
@@ -64,7 +65,7 @@ class Table:
 
     def save(self, key: str, value: dict) -> None:
         self.cells[key] = value | {"commit": _commit()}
-        self.store.write_text(json.dumps(self.cells, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.store, json.dumps(self.cells, indent=2, sort_keys=True) + "\n")
 
 
 class Runner:

@@ -99,8 +99,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     ModelConfig.from_folder(path)  # a missing or unsupported model fails before any work
     if args.ratio is None and args.kv_ratio is None:
         raise UsageError("nothing to do: give --ratio (weights), --kv-ratio (KV cache) or both")
-    if args.heal_steps is None and (args.max_ratio is not None or args.resume):
-        raise UsageError("--max-ratio and --resume belong to healing: give --heal-steps too")
+    if args.heal_steps is None and (given := _heal_options_given(args)):
+        raise UsageError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to healing: give --heal-steps too")
     if args.heal_steps is not None and args.ratio is None:
         raise UsageError("--heal-steps heals compressed weights: give --ratio too")
     out = _output_folder(args)
@@ -164,16 +164,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_heal(args: argparse.Namespace) -> None:
     from engine.loader import read_manifest
 
-    from .heal import heal
+    from .heal import heal, unhealable
 
     folder = resolve_model(args.folder)
-    manifest = read_manifest(folder) if folder.is_dir() else None
-    if manifest is None or not any(m.get("factorized") for m in manifest.get("modules", {}).values()):
-        raise UsageError(f"{folder} is not a compressed folder (no lowrank.json with factorised modules): "
-                         "heal the output of `lowrank compress`")
+    if problem := unhealable(folder, read_manifest(folder) if folder.is_dir() else None):
+        raise UsageError(problem)
+    manifest = read_manifest(folder)
     out = _output_folder(args)
-    if out.resolve() == folder.resolve():
-        raise UsageError(f"--out {out} is the folder being healed: write the healed model elsewhere")
+    inside = folder.resolve() == out.resolve() or out.resolve() in folder.resolve().parents
+    if inside or folder.resolve() == out.resolve().with_name(f"{out.name}.partial"):
+        raise UsageError(f"--out {out} would replace the folder being healed: write the healed model elsewhere")
     calib = Path(args.calib) if args.calib else default_text(DEFAULT_CALIB, "--calib")
     config = _heal_config(args, args.steps, calib, args.device or "cpu")
     if config.max_ratio is not None and config.max_ratio < manifest["achieved_ratio"]:
@@ -185,6 +185,15 @@ def cmd_heal(args: argparse.Namespace) -> None:
         return
     _print_healing(result["healing"])
     print(f"wrote {out}")
+
+
+HEAL_OPTIONS = {"max_ratio": None, "heal_mode": "full", "heal_lr": None, "heal_batch_size": 4, "heal_seq_len": 256,
+                "train_dense": False, "freeze_norms": False, "hidden_weight": 0.0, "resume": False, "stop_after": None}
+
+
+def _heal_options_given(args: argparse.Namespace) -> list[str]:
+    """Healing's options set away from their defaults (`_add_heal_options`), as the user spelled them."""
+    return ["--" + name.replace("_", "-") for name, default in HEAL_OPTIONS.items() if getattr(args, name) != default]
 
 
 def _output_folder(args: argparse.Namespace) -> Path:
@@ -365,14 +374,17 @@ def _add_heal_options(p: argparse.ArgumentParser) -> None:
     """Healing's options, shared by `compress --heal-steps` and `heal` (converters.heal documents each)."""
     p.add_argument("--max-ratio", type=ratio_value,
                    help="train every rank prefix up to this ratio, so the folder serves any ratio in between")
-    p.add_argument("--heal-mode", default="full", choices=["full", "lora"],
+    p.add_argument("--heal-mode", default=HEAL_OPTIONS["heal_mode"], choices=["full", "lora"],
                    help="train the factors themselves (default) or a LoRA on them, merged at the end")
     p.add_argument("--heal-lr", type=positive_float, help="relative learning rate (default 1e-3 full, 3e-3 lora)")
-    p.add_argument("--heal-batch-size", type=positive_int, default=4, help="windows per step (default 4)")
-    p.add_argument("--heal-seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--heal-batch-size", type=positive_int, default=HEAL_OPTIONS["heal_batch_size"],
+                   help="windows per step (default 4)")
+    p.add_argument("--heal-seq-len", type=positive_int, default=HEAL_OPTIONS["heal_seq_len"],
+                   help="tokens per window (default 256)")
     p.add_argument("--train-dense", action="store_true", help="also train the linears left dense")
     p.add_argument("--freeze-norms", action="store_true", help="keep the RMSNorm weights as they are (trained by default)")
-    p.add_argument("--hidden-weight", type=float, default=0.0,
+    p.add_argument("--hidden-weight", type=float_in(lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+                   default=HEAL_OPTIONS["hidden_weight"],
                    help="weight of a per-layer hidden-state term beside the KL (default 0: KL only)")
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in <out>.partial")
     p.add_argument("--stop-after", type=positive_int,

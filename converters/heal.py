@@ -2,9 +2,9 @@
 
 SoCo (and SVD-LLM's uniform ranks) only choose which components stay; the kept ones cannot move
 to absorb what was cut. Healing trains the factors A, B of every factorised linear and the
-RMSNorm weights (optionally also the linears left dense) so that the student's next-token distributions approach
-the dense teacher's on windows of the calibration text. The loss is never a language-model loss
-on the text: the student must approach the teacher, not fit the corpus.
+RMSNorm weights (optionally also the linears left dense) so that the student's next-token
+distributions approach the dense teacher's on windows of the calibration text. The loss is never
+a language-model loss on the text: the student must approach the teacher, not fit the corpus.
 
 Nested (any size from one run). With `max_ratio`, each step samples a ratio uniformly in
 [baked ratio, max_ratio], takes the rank prefix the global rule gives there over the folder's
@@ -16,8 +16,8 @@ Parametrisation. Bake balances the factors (√σ on each side), so their entrie
 orders of magnitude across modules and components (whitened σ reach 1e5 where activations are
 large). Each component is trained in unit form, A = Â·diag(a), B = diag(b)·B̂ with a, b the RMS of
 A's columns and B's rows at the start (fixed, the kernel's `scale` argument carries a·b), so one
-Adam step moves every component by the same relative amount; a single absolute learning rate
-either froze the large components or wrecked the small ones.
+Adam step moves every component by the same relative amount (a plain probe with one absolute
+learning rate on the balanced factors gained little at 1e-5 and diverged at 2e-4).
 
 Modes. `full`: Â and B̂ are trained. `lora`: Â + P_a·Q_a and B̂ + P_b·Q_b with rank-`lora_rank`
 corrections (P zero at the start, Q Gaussian / √lora_rank), merged into A and B when written, so
@@ -36,14 +36,22 @@ Resume. Every `checkpoint_every` steps (and when stopped) the trainable tensors,
 and the step are written (one safetensors file) into `<out>.partial/`; windows and ratios are pure
 functions of (seed, step), so a resumed run ends in the same weights as an uninterrupted one.
 The healed folder itself is written atomically at the end and the partial folder removed.
+
+Memory. Student and teacher are float32. Full mode adds a gradient and two Adam moments per
+trained value (16 bytes per kept factor entry in all): on a 7B model at ratio 0.3 that is ~72 GB
+for the factors alone, beyond one 80 GB GPU beside the teacher; LoRA mode trains a few per cent
+of that and fits there. Measured runs (time per phase, page faults, peak RSS) are recorded per
+folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,8 +110,11 @@ class HealConfig:
             raise ValueError(f"heal lr must be positive, got {self.lr}")
         if self.max_ratio is not None and not 0 < self.max_ratio < 1:
             raise ValueError(f"max ratio must be in (0, 1), got {self.max_ratio}")
-        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1 or self.hidden_weight < 0:
-            raise ValueError("need 0 <= warmup_frac < 1, 0 <= min_lr_frac <= 1 and hidden_weight >= 0")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1:
+            raise ValueError(f"need 0 <= warmup_frac < 1 and 0 <= min_lr_frac <= 1, got {self.warmup_frac}, "
+                             f"{self.min_lr_frac}")
+        if not (0 <= self.hidden_weight and math.isfinite(self.hidden_weight)):
+            raise ValueError(f"hidden weight must be a finite number >= 0, got {self.hidden_weight}")
 
     def as_dict(self) -> dict:
         return asdict(self) | {"betas": list(self.betas)}
@@ -155,6 +166,17 @@ class HealedLowRank(nn.Module):
         """(A, B) as the folder stores them: the unit form scaled back (LoRA merged in)."""
         A, B = self.unit_factors()
         return A * self.a, B * self.b[:, None]
+
+
+def unhealable(folder: Path, manifest: dict | None) -> str | None:
+    """Why `folder` cannot be healed (None when it can): it needs factorised weights, not only K/V latents."""
+    modules = (manifest or {}).get("modules", {})
+    if not any(m.get("factorized") for m in modules.values()):
+        return f"{folder} is not a compressed folder (no lowrank.json with factorised modules): run `lowrank compress`"
+    if all(m.get("latent") for m in modules.values() if m.get("factorized")):
+        return (f"{folder} has only its K/V cache factorised (LoRC latents, which healing keeps frozen): "
+                "compress its weights with --ratio to heal them")
+    return None
 
 
 @dataclass
@@ -212,6 +234,8 @@ def heal(folder: str | Path, out: str | Path, config: HealConfig, teacher: str |
     if resume and (partial / CHECKPOINT).is_file():
         run.start, run.history = _load_checkpoint(partial, run.fingerprint, run.student, run.optimizer)
     else:  # a fresh start: an older checkpoint goes (not the folder, where a caller may keep more)
+        if resume:
+            print(f"heal: no checkpoint in {partial}: starting from step 0", file=sys.stderr)
         (partial / CHECKPOINT).unlink(missing_ok=True)
     end = config.steps if stop_after is None else min(config.steps, run.start + stop_after)
     bar = tqdm(range(run.start, end), desc="heal", unit="step", initial=run.start, total=config.steps)
@@ -237,9 +261,8 @@ class _Run:
 
     def __init__(self, folder: Path, config: HealConfig, teacher: str | Path | None):
         manifest = read_manifest(folder)
-        if manifest is None or not any(m.get("factorized") for m in manifest.get("modules", {}).values()):
-            raise ModelFolderError(f"{folder} is not a compressed folder (no lowrank.json with factorised modules): "
-                                   "run `lowrank compress` first")
+        if problem := unhealable(folder, manifest):
+            raise ModelFolderError(problem)
         self.baked = manifest["achieved_ratio"]
         if config.max_ratio is not None and config.max_ratio < self.baked:
             raise ValueError(f"max ratio {config.max_ratio} is below the folder's ratio {self.baked:.4f}")
@@ -255,14 +278,20 @@ class _Run:
             p.requires_grad_(False)
         token_ids = tokenize_file(load_tokenizer(folder), config.calib)
         self.count = min(config.steps * config.batch_size, len(token_ids) // config.seq_len)
+        if self.count < 1:
+            raise ValueError(f"the calibration text {config.calib} has {len(token_ids)} tokens, fewer than one "
+                             f"window of {config.seq_len}")
         self.windows = sample_windows(token_ids, self.count, config.seq_len, config.seed + 2)
         self.order = torch.randperm(self.count, generator=torch.Generator().manual_seed(config.seed + 3))
         self.optimizer = torch.optim.Adam(
             [{"params": g["params"], "lr": config.lr * g["scale"]} for g in self.student.groups],
             betas=config.betas, eps=1e-8)
-        self.fingerprint = {"config": config.as_dict(), "folder_sha256": weights_sha256(folder)}
+        # What the weights depend on (not checkpoint_every): a checkpoint resumes only the same run.
+        self.fingerprint = {"config": {k: v for k, v in config.as_dict().items() if k != "checkpoint_every"},
+                            "folder_sha256": weights_sha256(folder), "calib_sha256": _file_sha256(config.calib)}
         self.start, self.history = 0, []
         self.timing = {"teacher": 0.0, "student": 0.0, "backward": 0.0, "optimizer": 0.0}
+        _reset_peak_rss()
         self.faults0, self.started, self.tokens = _minor_faults(), time.perf_counter(), 0
 
     def step(self, step: int) -> None:
@@ -307,7 +336,7 @@ class _Run:
             "seconds": round(sum(h["seconds"] for h in history), 1),  # training steps only, over every resumed part
             "step_seconds": {k: round(v / max(1, end - self.start), 3) for k, v in self.timing.items()},
             "minor_faults_per_second": round((_minor_faults() - self.faults0) / seconds),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mib": _peak_rss_mib(),  # since the run started, where Linux can reset the peak
             "first_kl": round(sum(h["kl"] for h in history[:tail]) / tail, 5),  # mean over the first tenth of the steps
             "final_kl": round(sum(h["kl"] for h in history[-tail:]) / tail, 5),  # ... and over the last tenth
             "history": history[::10] + ([history[-1]] if (len(history) - 1) % 10 else []),
@@ -373,6 +402,33 @@ def _stored_scores(folder: Path) -> dict[str, torch.Tensor]:
         with open_weights(file) as f:
             scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
     return scores
+
+
+def _reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS counter (VmHWM), so a run reports its own peak, not that
+    of the compression that ran before it in the same process."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the process's whole life
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _minor_faults() -> int:

@@ -225,21 +225,40 @@ def test_compress_with_healing_in_one_command(folders, tmp_path, capsys, torch_k
      "--max-ratio 0.2 is below the folder's ratio 0.3"),
     (["heal", "{compressed}", "--steps", "2", "--max-ratio", "1.5", "--out", "{o}"], "expected a ratio in (0, 1)"),
     (["heal", "{dense}", "--steps", "2", "--out", "{o}"], "is not a compressed folder"),
-    (["heal", "{compressed}", "--steps", "2", "--out", "{compressed}", "--force"], "is the folder being healed"),
+    (["heal", "{compressed}", "--steps", "2", "--out", "{compressed}", "--force"], "would replace the folder being healed"),
     (["heal", "{compressed}", "--steps", "2", "--heal-lr", "-1", "--out", "{o}"], "expected a positive number"),
     (["heal", "{compressed}", "--steps", "2", "--teacher", "{o}", "--out", "{o}"], "is not a model folder"),
     (["compress", "{dense}", "--ratio", "0.3", "--max-ratio", "0.5", "--out", "{o}"], "give --heal-steps too"),
     (["compress", "{dense}", "--ratio", "0.3", "--heal-steps", "2", "--max-ratio", "0.2", "--out", "{o}"],
      "--max-ratio 0.2 is below --ratio 0.3"),
     (["compress", "{dense}", "--kv-ratio", "0.3", "--heal-steps", "2", "--out", "{o}"], "give --ratio too"),
+    (["compress", "{dense}", "--ratio", "0.3", "--heal-lr", "0.1", "--stop-after", "2", "--out", "{o}"],
+     "--heal-lr, --stop-after belong to healing: give --heal-steps too"),
+    (["heal", "{compressed}", "--steps", "2", "--hidden-weight", "inf", "--out", "{o}"], "a finite number >= 0"),
+    (["heal", "{compressed}", "--steps", "2", "--out", "{parent}", "--force"], "would replace the folder being healed"),
+    (["heal", "{compressed}", "--steps", "2", "--calib", "{short}", "--out", "{o}"], "fewer than one window of 256"),
 ])
 def test_bad_heal_arguments_exit_2_with_one_line(folders, tmp_path, capsys, argv, message):
-    paths = {"compressed": folders["compressed"], "dense": folders["dense"], "o": tmp_path / "o"}
-    argv = [a.format(**paths) for a in argv] + ["--calib", str(folders["calib"])]
+    short = tmp_path / "short.txt"
+    short.write_text("t1 t2 t3")
+    paths = {"compressed": folders["compressed"], "dense": folders["dense"], "o": tmp_path / "o",
+             "parent": folders["compressed"].parent, "short": short}
+    argv = [a.format(**paths) for a in argv]
+    if "--calib" not in argv:
+        argv += ["--calib", str(folders["calib"])]
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_with_only_its_kv_cache_factorised_is_refused(folders, tmp_path, capsys):
+    kv = tmp_path / "kv"
+    assert main(["compress", str(folders["dense"]), "--kv-ratio", "0.5", "--calib", str(folders["calib"]),
+                 "--samples", "4", "--seq-len", "32", "--out", str(kv)]) == 0
+    capsys.readouterr()
+    assert main(["heal", str(kv), "--steps", "2", "--calib", str(folders["calib"]), "--out", str(tmp_path / "o")]) == 2
+    assert "only its K/V cache factorised" in capsys.readouterr().err
 
 
 def _exit_code(argv) -> int:
