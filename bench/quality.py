@@ -2,16 +2,16 @@
 
     .venv/bin/python bench/quality.py [--rows ...] [--ratios 0.2 0.3 0.4 0.5] [--budget-minutes 60]
 
-Rows (`ROWS`): svd and svd-llm (uniform ranks), soco (the first SoCo: fixed target, kept for
-comparison), soco-p (SoCo with its progressive stage 1, the default now), svd-llm+heal and
-soco-p+heal (each folder healed at its own ratio), and soco-p+heal[0.2-0.5] (the soco-p 0.2
-folder healed once over [0.2, 0.5], served at each ratio). Calibration, SoCo and healing read
+Rows (`ROWS`): svd and svd-llm (uniform ranks), soco (SoCo, fixed target), soco-p (SoCo with
+its progressive stage 1, measured worse so far), svd-llm+heal and soco+heal (each folder healed
+at its own ratio), and soco+heal[0.2-0.5] (the soco 0.2 folder healed once over [0.2, 0.5],
+served at each ratio). Calibration, SoCo and healing read
 train.txt only; perplexity is measured on the whole valid.txt (ctx 512, stride 512, fp32).
 
 Every cell is saved to bench/results/quality.json as soon as it exists, and healing runs in
 chunks of `--chunk` steps that checkpoint (`converters.heal`), so a run stopped by
 `--budget-minutes` (or by anything else) goes on where it stopped when started again. The
-healing curve (`--curve`) evaluates the soco-p+heal 0.3 run's weights at its checkpoints.
+healing curve (`--curve`) evaluates the soco+heal 0.3 run's weights at its checkpoints.
 Writes quality.md and quality.png beside the JSON.
 """
 
@@ -40,11 +40,11 @@ RESULTS = REPO / "bench" / "results"
 CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
 MODELS = REPO / "models" / "quality"
 BASE_ROWS = ("svd", "svd-llm", "soco", "soco-p")  # compression alone
-HEALED_ROWS = ("svd-llm+heal", "soco-p+heal")
-NESTED = "soco-p+heal[0.2-0.5]"
+HEALED_ROWS = ("svd-llm+heal", "soco+heal")
+NESTED = "soco+heal[0.2-0.5]"
 ROWS = BASE_ROWS + HEALED_ROWS + (NESTED,)
 NESTED_RANGE = (0.2, 0.5)
-CURVE = "curve soco-p+heal@0.3"
+CURVE = "curve soco+heal@0.3"
 
 
 def held_out_ppl(folder: Path, token_ids: list[int], ratio: float | None = None) -> float:
@@ -124,7 +124,7 @@ class Runner:
         method = row.removesuffix("+heal")
         source = self.base_folder(method, ratio)
         out = MODELS / f"{row}-{ratio}"
-        curve = self.args.curve and row == "soco-p+heal" and ratio == 0.3
+        curve = self.args.curve and row == "soco+heal" and ratio == 0.3
         manifest = self.healed(source, out, self.heal_config, curve) if not (out / "lowrank.json").is_file() \
             else read_manifest(out)
         if manifest is None:
@@ -147,8 +147,8 @@ class Runner:
         todo = [r for r in ratios if lo <= r <= hi and f"{NESTED}@{r}" not in self.table]
         if not todo or self.out_of_time():
             return
-        source = self.base_folder("soco-p", lo)
-        out = MODELS / f"soco-p+heal-{lo}-{hi}"
+        source = self.base_folder("soco", lo)
+        out = MODELS / f"soco+heal-{lo}-{hi}"
         config = replace(self.heal_config, max_ratio=hi)
         manifest = self.healed(source, out, config) if not (out / "lowrank.json").is_file() else read_manifest(out)
         if manifest is None:
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100, help="healing steps between checkpoints")
     parser.add_argument("--budget-minutes", type=float, default=float("inf"),
                         help="start no new chunk of work after this long; run again to go on")
-    parser.add_argument("--curve", action="store_true", help="perplexity of soco-p+heal 0.3 at each checkpoint")
+    parser.add_argument("--curve", action="store_true", help="perplexity of soco+heal 0.3 at each checkpoint")
     parser.add_argument("--prefix-check", action="store_true", help="also serve soco 0.3 at 0.4")
     parser.add_argument("--report-only", action="store_true", help="rewrite quality.md / .png from the JSON")
     args = parser.parse_args()
@@ -236,8 +236,8 @@ def write_report(results: dict) -> None:
         f"Dense: **{dense:.3f}**. Perplexity on ../shared/corpus/pydocs/valid.txt (whole file, ctx 512,",
         "stride 512, fp32, CPU). Ratio = fraction of the decoder's linear parameters removed. Calibration,",
         "SoCo and healing read train.txt only (128 windows × 512 tokens for the Grams; SoCo 400 steps of",
-        "2 × 128 tokens; healing as recorded per cell below). `soco` is the first SoCo (fixed target);",
-        "`soco-p` ramps its target (`converters.soco`); `+heal` distils the factors from the dense model",
+        "2 × 128 tokens; healing as recorded per cell below). `soco`: fixed target; `soco-p` ramps its",
+        "target (`converters.soco`, `progressive=True`); `+heal` distils the factors from the dense model",
         "(`converters.heal`); the last row is one healing run over [0.2, 0.5] served at each ratio.",
         "",
         "| method | " + " | ".join(f"{r:.1f}" for r in ratios) + " |",
@@ -264,7 +264,7 @@ def write_report(results: dict) -> None:
                      f"| {key} | – | – | – | {cell.get('heal_steps', '–')} | {cell.get('heal_seconds', '–')} (shared) | "
                      f"– | – | – | {cell['commit']} |")
     if CURVE in results:
-        lines += ["", "Healing curve (soco-p 0.3, one 400-step run's weights at its checkpoints, mid-schedule):", "",
+        lines += ["", "Healing curve (soco 0.3, one 400-step run's weights at its checkpoints, mid-schedule):", "",
                   "| steps | " + " | ".join(s for s, _ in results[CURVE]["points"]) + " |",
                   "|---|" + "---|" * len(results[CURVE]["points"]),
                   "| perplexity | " + " | ".join(f"{p:.3f}" for _, p in results[CURVE]["points"]) + " |"]
@@ -289,12 +289,12 @@ def write_report(results: dict) -> None:
     if CURVE in results:
         ax = axes[0][1]
         steps, ppl = zip(*((int(s), p) for s, p in results[CURVE]["points"]))
-        base = results.get("soco-p@0.3", {}).get("ppl")
+        base = results.get("soco@0.3", {}).get("ppl")
         if base:
             steps, ppl = (0, *steps), (base, *ppl)
         ax.plot(steps, ppl, marker="o")
         ax.axhline(dense, color="gray", linestyle=":", label="dense")
-        ax.set(xlabel="healing steps (4 × 256 tokens each)", ylabel="held-out perplexity", title="soco-p 0.3 healing")
+        ax.set(xlabel="healing steps (4 × 256 tokens each)", ylabel="held-out perplexity", title="soco 0.3 healing")
     fig.tight_layout()
     fig.savefig(RESULTS / "quality.png", dpi=120)
 

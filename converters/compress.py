@@ -38,7 +38,7 @@ class CompressConfig:
     train_seq_len: int = 128
     batch_size: int = 2
     lr: float = 2e-2
-    progressive: bool = True  # SoCo's stage 1 ramps its target ratio (converters.soco)
+    progressive: bool = False  # SoCo's stage 1 ramps its target ratio (converters.soco; worse so far)
     device: str = "cpu"
     seed: int = 0
 

@@ -27,7 +27,7 @@ Stages (one run, Adam on m, lr 3e-2):
   1. compression, steps [0, s1): L_inc + λ(t)·L_dec. λ0 is calibrated at step 0 so that L_dec's
      mean gradient per score equals L_inc's (the two are otherwise on unrelated scales: a fixed
      λ = 1 moved no score to zero in 70 steps on SmolLM2); λ(t) = λ0·(1 + ramp)^t. Progressive
-     (the default): the target itself ramps too, ratio·min(1, (t + 1)/(ramp_frac·s1)), and the
+     (an option, not the default: see bench/results/quality.md): the target itself ramps too, ratio·min(1, (t + 1)/(ramp_frac·s1)), and the
      keep set and L_dec follow it, so components are cut a few at a time while L_inc adapts
      (serving a prefix of a lower-ratio run beat training straight at the higher ratio). Not
      progressive: the target is the ratio from step 0. Ends when the implied ratio reaches the
@@ -74,7 +74,7 @@ class SoCoConfig:
     ramp: float = 0.05  # stage-1 growth of the L_dec weight per step (multiplicative)
     stage1_frac: float = 0.5
     stage2_frac: float = 0.75
-    progressive: bool = True  # stage 1 ramps the target ratio (see the module docstring)
+    progressive: bool = False  # stage 1 ramps the target ratio (see the module docstring; measured worse so far)
     ramp_frac: float = 0.5  # the ramped target reaches the ratio at this fraction of stage 1 (then
     # the last scores it reaches still have the ~1/lr Adam steps they need to fall from 1 to 0)
     seed: int = 0
