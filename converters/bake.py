@@ -34,13 +34,18 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def weights_sha256(folder: Path) -> str:
+def files_sha256(files: list[Path]) -> str:
+    """One sha256 over the files' bytes, in order."""
     h = hashlib.sha256()
-    for file in weight_files(folder):
+    for file in files:
         with open(file, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(folder: Path) -> str:
+    return files_sha256(weight_files(folder))
 
 
 def bake(

@@ -46,7 +46,6 @@ folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import resource
@@ -65,11 +64,11 @@ from engine import load_model
 from engine.config import ModelFolderError
 from engine.cpu_memory import keep_freed_memory
 from engine.layers import Linear, LowRankLinear, RMSNorm
-from engine.loader import load_tokenizer, open_weights, prefix_ranks, read_manifest, weight_files
+from engine.loader import load_tokenizer, open_weights, prefix_ranks, read_manifest, stored_scores, weight_files
 from engine.model import CausalLM
 from kernels import lowrank_gemm
 
-from .bake import read_tensors, weights_sha256, write_folder_atomically
+from .bake import files_sha256, read_tensors, weights_sha256, write_folder_atomically
 from .calibrate import sample_windows, tokenize_file
 from .distill import distill_kl, head_weight
 
@@ -267,12 +266,12 @@ class _Run:
         if config.max_ratio is not None and config.max_ratio < self.baked:
             raise ValueError(f"max ratio {config.max_ratio} is below the folder's ratio {self.baked:.4f}")
         self.folder, self.config, self.manifest = folder, config, manifest
-        self.teacher_dir = _teacher(manifest, teacher)
+        self.teacher_dir, self.teacher_sha256 = _teacher(manifest, teacher)
         if torch.device(config.device).type == "cpu":
             keep_freed_memory()  # activations from reused heap memory, not fresh pages (engine.cpu_memory)
         torch.manual_seed(config.seed)
         self.student = build_student(folder, manifest, config)
-        self.scores = _stored_scores(folder)
+        self.scores = stored_scores(weight_files(folder))
         self.teacher = load_model(self.teacher_dir, dtype=torch.float32, device=config.device)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -288,7 +287,7 @@ class _Run:
             betas=config.betas, eps=1e-8)
         # What the weights depend on (not checkpoint_every): a checkpoint resumes only the same run.
         self.fingerprint = {"config": {k: v for k, v in config.as_dict().items() if k != "checkpoint_every"},
-                            "folder_sha256": weights_sha256(folder), "calib_sha256": _file_sha256(config.calib)}
+                            "folder_sha256": weights_sha256(folder), "calib_sha256": files_sha256([Path(config.calib)])}
         self.start, self.history = 0, []
         self.timing = {"teacher": 0.0, "student": 0.0, "backward": 0.0, "optimizer": 0.0}
         _reset_peak_rss()
@@ -327,7 +326,7 @@ class _Run:
         tail = max(1, len(history) // 10)
         return {
             "config": config.as_dict(),
-            "teacher": {"path": str(self.teacher_dir), "weights_sha256": weights_sha256(self.teacher_dir)},
+            "teacher": {"path": str(self.teacher_dir), "weights_sha256": self.teacher_sha256},
             "ratios": [self.baked, config.max_ratio if config.max_ratio is not None else self.baked],
             "calibration": {"file": config.calib, "windows": self.count,
                             "tokens_per_step": config.batch_size * config.seq_len},
@@ -384,24 +383,18 @@ def _ratio_at(config: HealConfig, baked: float, step: int) -> float:
     return baked + (config.max_ratio - baked) * u
 
 
-def _teacher(manifest: dict, teacher: str | Path | None) -> Path:
+def _teacher(manifest: dict, teacher: str | Path | None) -> tuple[Path, str]:
+    """The dense teacher's folder and its weights' sha256, checked against what lowrank.json records."""
     source = manifest.get("source") or {}
     path = Path(teacher) if teacher is not None else Path(source.get("path", ""))
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"the dense teacher {str(path) or '(none recorded)'} is not a model folder: "
                                "pass the folder this model was compressed from as the teacher")
-    if "weights_sha256" in source and weights_sha256(path) != source["weights_sha256"]:
+    sha256 = weights_sha256(path)
+    if "weights_sha256" in source and sha256 != source["weights_sha256"]:
         raise ModelFolderError(f"the teacher {path} is not the model this folder was compressed from "
                                "(its weights' sha256 differs from the one lowrank.json records)")
-    return path
-
-
-def _stored_scores(folder: Path) -> dict[str, torch.Tensor]:
-    scores = {}
-    for file in weight_files(folder):
-        with open_weights(file) as f:
-            scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
-    return scores
+    return path, sha256
 
 
 def _reset_peak_rss() -> None:
@@ -421,14 +414,6 @@ def _peak_rss_mib() -> int:
     except OSError:
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the process's whole life
-
-
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _minor_faults() -> int:

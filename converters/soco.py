@@ -26,12 +26,12 @@ Losses.
 Stages (one run, Adam on m, lr 3e-2):
   1. compression, steps [0, s1): L_inc + λ(t)·L_dec. λ0 is calibrated at step 0 so that L_dec's
      mean gradient per score equals L_inc's (the two are otherwise on unrelated scales: a fixed
-     λ = 1 moved no score to zero in 70 steps on SmolLM2); λ(t) = λ0·(1 + ramp)^t. Progressive
-     (an option, not the default: see bench/results/quality.md): the target itself ramps too, ratio·min(1, (t + 1)/(ramp_frac·s1)), and the
-     keep set and L_dec follow it, so components are cut a few at a time while L_inc adapts
-     (serving a prefix of a lower-ratio run beat training straight at the higher ratio). Not
-     progressive: the target is the ratio from step 0. Ends when the implied ratio reaches the
-     target (or at `stage1_frac` of the steps).
+     λ = 1 moved no score to zero in 70 steps on SmolLM2); λ(t) = λ0·(1 + ramp)^t. The target is
+     the ratio from step 0. Progressive (an option, measured worse: bench/results/quality.md): the
+     target ramps, ratio·min(1, (t + 1)/(ramp_frac·s1)), and the keep set and L_dec follow it, so
+     components are cut a few at a time while L_inc adapts (serving a prefix of a lower-ratio run
+     beat training straight at the higher ratio). Ends when the implied ratio reaches the target
+     (or at `stage1_frac` of the steps).
   2. oscillation, to `stage2_frac`: L_dec (λ frozen at its stage-1 end value) switched on while
      the implied ratio is below the target and off above it, so L_inc restores what was
      over-pruned while the ratio hovers at the target.

@@ -100,11 +100,16 @@ def serving_ranks(path: Path, manifest: dict, files: list[Path], ratio: float | 
         raise ValueError(f"{path} was baked at ratio {baked:.4f}; it can serve ratio >= that, not {ratio}")
     if all(m.get("latent") for m in factorized.values()):
         raise ValueError(f"{path} has no importance scores to serve another ratio from (only K/V latents)")
+    return prefix_ranks(manifest, stored_scores(files), ratio)
+
+
+def stored_scores(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Each factorised module's `X.score` (its components' importance, descending) -> {module: scores}."""
     scores = {}
     for file in files:
         with open_weights(file) as f:
             scores |= {k.removesuffix(".score"): f.get_tensor(k) for k in f.keys() if k.endswith(".score")}
-    return prefix_ranks(manifest, scores, ratio)
+    return scores
 
 
 def prefix_ranks(manifest: dict, scores: dict[str, torch.Tensor], ratio: float) -> dict[str, int]:
