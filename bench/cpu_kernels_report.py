@@ -1,4 +1,4 @@
-"""Turn a `bench/test_cpu_kernels.py` pytest-benchmark JSON into bench/results/cpu-kernels-<device>.md.
+"""Turn a `bench/bench_cpu_kernels.py` pytest-benchmark JSON into bench/results/cpu-kernels-<device>.md.
 
     .venv/bin/python bench/cpu_kernels_report.py cpu.json [--out FILE]
 

@@ -1,4 +1,4 @@
-"""Turn a `bench/test_engine.py` pytest-benchmark JSON into bench/results/engine-<device>.md.
+"""Turn a `bench/bench_engine.py` pytest-benchmark JSON into bench/results/engine-<device>.md.
 
     .venv/bin/python bench/engine_report.py engine.json [--out FILE]
 

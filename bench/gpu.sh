@@ -15,16 +15,16 @@ mkdir -p "$OUT"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_lowrank_gemm.py tests/test_paged_decode.py \
     tests/test_latent_attention.py tests/test_heal.py::test_healing_on_cuda_lowers_the_kl_through_the_compiled_kernels \
     -o addopts="-ra --benchmark-disable" 2>&1 | tee "$OUT/cuda-tests.log"
-"$PY" -m pytest -q -p no:cacheprovider bench/test_kernels.py --benchmark-enable \
+"$PY" -m pytest -q -p no:cacheprovider bench/bench_kernels.py --benchmark-enable \
     --benchmark-json="$OUT/kernels.json" 2>&1 | tee "$OUT/kernels-bench.log" | tail -n 5
 "$PY" bench/kernels_report.py "$OUT/kernels.json"
-"$PY" -m pytest -q -p no:cacheprovider bench/test_latent_attention.py --benchmark-enable \
+"$PY" -m pytest -q -p no:cacheprovider bench/bench_latent_attention.py --benchmark-enable \
     --benchmark-json="$OUT/latent.json" 2>&1 | tee "$OUT/latent-bench.log" | tail -n 5
 "$PY" bench/latent_report.py "$OUT/latent.json"
 # The engine benchmark needs the real model folder (no network on a lent GPU machine: bring
 # models/smollm2-135m along, e.g. split into pieces under the transfer limit and joined there).
 if [ -f models/smollm2-135m/model.safetensors ]; then
-    "$PY" -m pytest -q -p no:cacheprovider bench/test_engine.py --benchmark-enable \
+    "$PY" -m pytest -q -p no:cacheprovider bench/bench_engine.py --benchmark-enable \
         --benchmark-json="$OUT/engine.json" 2>&1 | tee "$OUT/engine-bench.log" | tail -n 5
     "$PY" bench/engine_report.py "$OUT/engine.json"
 else

@@ -1,4 +1,4 @@
-"""Turn a `bench/test_kernels.py` pytest-benchmark JSON into the kernels table (markdown).
+"""Turn a `bench/bench_kernels.py` pytest-benchmark JSON into the kernels table (markdown).
 
     .venv/bin/python bench/kernels_report.py kernels.json [--out bench/results/kernels-<device>-<date>.md]
 

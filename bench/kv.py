@@ -22,12 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from converters.lorc import LoRCConfig, latent_ranks, prepare_kv, write_latent_folder  # noqa: E402
-from converters.pull import pull  # noqa: E402
-from engine.perplexity import load_text  # noqa: E402
-
 from environment import environment  # noqa: E402
 from quality import held_out_ppl  # noqa: E402
+
+from converters.lorc import LoRCConfig, latent_ranks, prepare_kv, write_latent_folder  # noqa: E402
+from converters.pull import pull  # noqa: E402
+from engine.eval.perplexity import load_text  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"

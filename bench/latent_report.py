@@ -1,4 +1,4 @@
-"""Turn a `bench/test_latent_attention.py` pytest-benchmark JSON into the latent-attention table.
+"""Turn a `bench/bench_latent_attention.py` pytest-benchmark JSON into the latent-attention table.
 
     .venv/bin/python bench/latent_report.py latent.json [--out bench/results/latent-attention-<device>-<date>.md]
 

@@ -33,8 +33,9 @@ from converters.compress import CompressConfig, compress_prepared, prepare  # no
 from converters.heal import HealConfig, heal  # noqa: E402
 from converters.pull import pull  # noqa: E402
 from engine import load_model  # noqa: E402
-from engine.loader import read_manifest  # noqa: E402
-from engine.perplexity import load_text, perplexity  # noqa: E402
+from engine.model.cpu_serving import to_cpu_serving  # noqa: E402
+from engine.model.checkpoint import read_manifest  # noqa: E402
+from engine.eval.perplexity import load_text, perplexity  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
@@ -49,7 +50,7 @@ CURVE = "curve soco+heal@0.3"
 
 def held_out_ppl(folder: Path, token_ids: list[int], ratio: float | None = None) -> float:
     model = load_model(folder, device="cpu", dtype="float32", ratio=ratio)
-    model.pack_for_cpu()  # packed CPU GEMMs (engine.cpu_gemm): the same figures, faster (dense 12.784 either way)
+    to_cpu_serving(model)  # the packed CPU GEMMs: the same figures, faster (dense 12.784 either way)
     return perplexity(model, token_ids, ctx=512, stride=512).perplexity
 
 
@@ -162,7 +163,7 @@ class Runner:
 
 def _checkpoint_step(out: Path) -> int:
     from converters.heal import CHECKPOINT
-    from engine.loader import open_weights
+    from engine.model.checkpoint import open_weights
 
     file = out.with_name(f"{out.name}.partial") / CHECKPOINT
     if not file.is_file():

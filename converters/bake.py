@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.loader import MANIFEST, open_weights, weight_files
-from engine.rank_budget import allocate_ranks, dense_rank, module_params
+from engine.model.checkpoint import FORMAT_VERSION, MANIFEST, open_weights, weight_files
+from engine.model.rank_budget import allocate_ranks, dense_rank, module_params
 
 from .atomic import atomic_folder
 from .factorize import Factors
 
-FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.model import CausalLM
+from engine.model.llama import CausalLM
 
 # Which hooked module's input Gram each decoder linear uses.
 SHARED_INPUT = {
@@ -52,7 +52,7 @@ def sample_windows(token_ids: list[int], samples: int, seq_len: int, seed: int) 
 
 
 def tokenize_file(tokenizer, path: str | Path) -> list[int]:
-    from engine.perplexity import load_text
+    from engine.eval.perplexity import load_text
 
     return tokenizer(load_text(path), add_special_tokens=False, verbose=False)["input_ids"]
 

@@ -67,8 +67,8 @@ def writable_file(path: Path, option: str) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from engine import load_model
-    from engine.loader import load_tokenizer
-    from engine.perplexity import load_text, perplexity
+    from engine.eval.perplexity import load_text, perplexity
+    from engine.model.loader import load_tokenizer
 
     path = resolve_model(args.model)
     json_path = writable_file(Path(args.json), "--json") if args.json else None
@@ -162,7 +162,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_heal(args: argparse.Namespace) -> None:
-    from engine.loader import read_manifest
+    from engine.model.checkpoint import read_manifest
 
     from .heal import heal, unhealable
 
@@ -398,7 +398,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import ModelFolderError
+    from engine.model.config import ModelFolderError
 
     args = build_parser().parse_args(argv)
     try:

@@ -2,7 +2,7 @@
 
 Methods: `svd` (plain SVD, uniform ratio per module), `svd-llm` (whitened SVD, uniform ratio),
 `soco` (whitened SVD + learned scores under one global budget). The ratio is defined once: the
-fraction of the decoder's linear-layer parameters removed (`engine.rank_budget`).
+fraction of the decoder's linear-layer parameters removed (`engine.model.rank_budget`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from tqdm import tqdm
 
 from engine import load_model
-from engine.loader import load_tokenizer
-from engine.model import CausalLM
-from engine.rank_budget import uniform_priority
+from engine.model.llama import CausalLM
+from engine.model.loader import load_tokenizer
+from engine.model.rank_budget import uniform_priority
 
 from .bake import bake
 from .calibrate import SHARED_INPUT, collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file

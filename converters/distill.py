@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.model import CausalLM
+from engine.model.llama import CausalLM
 
-CHUNK_TOKENS = 128  # 128 × 49152 fp32 logits = 24 MiB: below glibc's mmap threshold (engine.cpu_memory), reused
+CHUNK_TOKENS = 128  # 128 × 49152 fp32 logits = 24 MiB: below glibc's mmap threshold (engine.core.cpu_memory), reused
 
 
 def head_weight(model: CausalLM) -> torch.Tensor:

@@ -8,7 +8,7 @@ a language-model loss on the text: the student must approach the teacher, not fi
 
 Nested (any size from one run). With `max_ratio`, each step samples a ratio uniformly in
 [baked ratio, max_ratio], takes the rank prefix the global rule gives there over the folder's
-stored scores (`engine.loader.prefix_ranks`, what the loader serves) and distils that prefix.
+stored scores (`engine.model.loader.prefix_ranks`, what the loader serves) and distils that prefix.
 Components shared by many sizes learn from all of them, so `LLM(path, ratio=r)` serves any r in
 the range. The scores are not trained: every ratio keeps exactly the ranks it had before.
 
@@ -61,11 +61,12 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import load_model
-from engine.config import ModelFolderError
-from engine.cpu_memory import keep_freed_memory
-from engine.layers import Linear, LowRankLinear, RMSNorm
-from engine.loader import load_tokenizer, open_weights, prefix_ranks, read_manifest, stored_scores, weight_files
-from engine.model import CausalLM
+from engine.core.cpu_memory import keep_freed_memory
+from engine.model.config import ModelFolderError
+from engine.model.layers import Linear, LowRankLinear, RMSNorm
+from engine.model.llama import CausalLM
+from engine.model.checkpoint import open_weights, read_manifest, weight_files
+from engine.model.loader import load_tokenizer, prefix_ranks, stored_scores
 from kernels import lowrank_gemm
 
 from .bake import files_sha256, read_tensors, weights_sha256, write_folder_atomically
@@ -268,7 +269,7 @@ class _Run:
         self.folder, self.config, self.manifest = folder, config, manifest
         self.teacher_dir, self.teacher_sha256 = _teacher(manifest, teacher)
         if torch.device(config.device).type == "cpu":
-            keep_freed_memory()  # activations from reused heap memory, not fresh pages (engine.cpu_memory)
+            keep_freed_memory()  # activations from reused heap memory, not fresh pages (engine.core.cpu_memory)
         torch.manual_seed(config.seed)
         self.student = build_student(folder, manifest, config)
         self.scores = stored_scores(weight_files(folder))

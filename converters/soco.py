@@ -7,7 +7,7 @@ pushed below zero still feels the distillation gradient and can come back (plain
 once cut, never do). Only components up to the module's break-even rank in·out/(in+out) are
 trained: a module keeping more is stored dense, so the student costs at most the dense model.
 
-Ranking. The global threshold (`engine.rank_budget.allocate_ranks`, the rule bake and the
+Ranking. The global threshold (`engine.model.rank_budget.allocate_ranks`, the rule bake and the
 loader use) ranks components by key = relu(m)·(1 + PRIOR·u), u = SVD-LLM's uniform-rank
 priority: with all m = 1 the keep set is exactly SVD-LLM's, and learning moves away from it.
 The keys are what bake stores as `X.score`; relu(m) is the mask folded into A.
@@ -52,13 +52,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from engine.model import CausalLM
-from engine.rank_budget import allocate_ranks, dense_rank, uniform_priority
+from engine.model.llama import CausalLM
+from engine.model.rank_budget import allocate_ranks, dense_rank, uniform_priority
 from kernels import lowrank_gemm
 
 from .distill import distill_kl, head_weight
 from .factorize import Factors
-
 
 PRIOR = 0.05  # weight of the uniform-rank tie-break in the ranking key
 RATIO_SLACK = 0.0025  # stage 1 ends this close to the target (components are discrete)

@@ -15,24 +15,25 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer
-from .engine_config import EngineConfig
-from .kv_cache import bytes_per_block, default_budget
-from .loader import load_model, load_tokenizer
+from .config import EngineConfig
+from .core.block_manager import BlockManager
+from .core.detokenizer import IncrementalDetokenizer
+from .core.kv_cache import bytes_per_block, default_budget
+from .core.runner import ModelRunner
+from .core.sampler import Sampler
+from .core.scheduler import Scheduler
+from .core.sequence import Sequence
+from .model.loader import load_model, load_tokenizer
 from .outputs import CompletionOutput, RequestOutput, StreamDelta
-from .runner import ModelRunner
-from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Sequence
 
 Prompt = str | list[int]
 

@@ -8,10 +8,10 @@ sequence's output is the same however it was batched, chunked, cached or preempt
 """
 
 
-from engine.block_manager import BlockManager
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Batch, Scheduler
+from engine.core.sequence import Sequence, SequenceStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Batch, Scheduler
-from engine.sequence import Sequence, SequenceStatus
 
 VOCAB = 1000  # the fake model's tokens; no test's EOS lies below it unless it means to
 

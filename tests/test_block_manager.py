@@ -6,10 +6,10 @@ and nothing crashes, so every hit is checked for its block ids, not just its cou
 
 import pytest
 
-import engine.block_manager
-from engine.block_manager import BlockManager, block_hash
+import engine.core.block_manager
+from engine.core.block_manager import BlockManager, block_hash
+from engine.core.sequence import Sequence
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
 
 BS = 4  # block size of most tests: small enough to reason about block by block
 
@@ -278,7 +278,7 @@ def test_evicting_a_duplicate_keeps_the_published_original():
 # -- collisions -------------------------------------------------------------------------------------
 def test_a_colliding_hash_with_different_tokens_is_no_hit(monkeypatch):
     """Every block hashes alike: the stored tokens, not the hash, decide a hit."""
-    monkeypatch.setattr(engine.block_manager, "block_hash", lambda parent, tokens: b"same")
+    monkeypatch.setattr(engine.core.block_manager, "block_hash", lambda parent, tokens: b"same")
     bm = BlockManager(16, BS)
     first = admit_and_compute(bm, make_seq(prompt(2 * BS + 1, start=100), 0))
     assert bm.cached == {b"same": first.block_table[0]}
@@ -291,7 +291,7 @@ def test_a_colliding_hash_with_different_tokens_is_no_hit(monkeypatch):
 
 def test_a_colliding_hash_with_the_same_tokens_but_another_prefix_is_no_hit(monkeypatch):
     """Every block hashes alike: a block whose tokens repeat the head's must not reuse the head's K/V."""
-    monkeypatch.setattr(engine.block_manager, "block_hash", lambda parent, tokens: b"same")
+    monkeypatch.setattr(engine.core.block_manager, "block_hash", lambda parent, tokens: b"same")
     bm = BlockManager(16, BS)
     head = prompt(BS)
     first = admit_and_compute(bm, make_seq(head + prompt(BS, start=500) + [1], 0))
@@ -304,7 +304,7 @@ def test_a_colliding_hash_with_the_same_tokens_but_another_prefix_is_no_hit(monk
 
 def test_same_tokens_after_another_prefix_is_no_hit_when_the_hash_ignores_the_parent(monkeypatch):
     """A hash that forgets the prefix maps a block to another prompt's block with equal tokens: refused."""
-    monkeypatch.setattr(engine.block_manager, "block_hash", lambda parent, tokens: repr(tokens).encode())
+    monkeypatch.setattr(engine.core.block_manager, "block_hash", lambda parent, tokens: repr(tokens).encode())
     bm = BlockManager(16, BS)
     tail = prompt(BS, start=500)
     first = admit_and_compute(bm, make_seq(prompt(BS, start=100) + tail + [1], 0))

@@ -7,7 +7,6 @@ import torch
 from transformers import LlamaConfig, Qwen2Config
 
 import kernels
-
 from conftest import save_tiny_model
 from converters import bake as bake_module
 from converters.bake import bake
@@ -15,8 +14,8 @@ from converters.calibrate import collect_grams, decoder_linears, gram_key
 from converters.factorize import whitened_svd
 from converters.soco import SoCoConfig, build_student, train_scores
 from engine import load_model
-from engine.rank_budget import allocate_ranks, uniform_priority
-from engine.loader import RATIO_TOLERANCE
+from engine.model.loader import RATIO_TOLERANCE
+from engine.model.rank_budget import allocate_ranks, uniform_priority
 
 VOCAB = 89
 CONFIGS = {

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO
 from converters.cli import main
 from engine import load_model
-from engine.perplexity import perplexity
+from engine.eval.perplexity import perplexity
 
 TRAIN = REPO.parent / "shared" / "corpus" / "pydocs" / "train.txt"
 

@@ -1,4 +1,4 @@
-"""The native CPU paged decode attention (engine.cpu_attention) against dense float64 attention.
+"""The native CPU paged decode attention (kernels.cpu.attention) against dense float64 attention.
 
 Blocks are shuffled through the pool and every slot no sequence owns holds NaN, so reading the
 wrong block, a slot past the context or outside the window shows as NaN in the output.
@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from conftest import dense_attention_ref, shuffled_paged_pools
-from engine import cpu_native
-from engine.attention import AttentionContext, cached_attention
-from engine.cpu_attention import native_decode_applies, native_paged_decode
+from engine.model.attention import AttentionContext
+from engine.model.config import ModelConfig
+from engine.model.cpu_serving import NativeAttention, to_cpu_serving
+from engine.model.llama import CausalLM
+from kernels.cpu import build as cpu_native
+from kernels.cpu.attention import native_decode_applies, native_paged_decode
 
 pytestmark = [pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler"),
               pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",
@@ -51,19 +54,23 @@ def test_native_decode_matches_float64(lengths, group, head_dim, block_size, win
 
 
 def test_the_engine_decodes_through_it_on_cpu(monkeypatch):
-    import kernels
-
-    monkeypatch.setattr(kernels, "BACKEND", "torch")  # uses_triton is False: the CPU serving path
-
     def reference_not_expected(*args, **kwargs):
         raise AssertionError("a CPU float32 decode step went to the reference")
 
-    monkeypatch.setattr("engine.attention.paged_attention", reference_not_expected)
+    monkeypatch.setattr("engine.model.attention.paged_attention", reference_not_expected)
     lengths = [5, 40, 18]
     q, k_cache, v_cache, tables, ks, vs = _case(lengths, 3, 64, 16, seed=1)
+    config = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 16, "hidden_size": 384,
+                                    "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 6,
+                                    "num_key_value_heads": 2})
+    model = CausalLM(config)  # the serving form swaps in the native attention (the weights are not read here)
+    assert to_cpu_serving(model)
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention, NativeAttention)
+    attention.kv_cache = (k_cache, v_cache)
     ctx = AttentionContext(cu_seqlens=torch.arange(4, dtype=torch.int32), seqlens=(1, 1, 1), max_seqlen=1,
                            block_tables=tables, context_lens=tuple(lengths), reads_cache=True)
-    got = cached_attention(q, k_cache, v_cache, ctx)
+    got = attention._cached_attention(q, ctx)
     torch.testing.assert_close(got.double(), dense_attention_ref(q, ks, vs, (1, 1, 1), None), atol=2e-5, rtol=2e-5)
 
 

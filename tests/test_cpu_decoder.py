@@ -1,4 +1,5 @@
-"""A decoder layer's decode step as one native call (engine.cpu_decoder) against the same layers
+"""A decoder layer's decode step as one native call (engine.model.cpu_serving.NativeDecoderLayer over
+kernels.cpu.decoder_layer) against the same layers
 run operation by operation (whose logits equal transformers', tests/test_model.py).
 
 The past K/V sit in blocks shuffled through the pool with NaN in every slot no sequence owns, so a
@@ -13,10 +14,12 @@ import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from conftest import save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
-from engine import LLM, SamplingParams, cpu_native, load_model
-from engine.attention import AttentionContext
-from engine.cpu_decoder import NativeDecoderLayer
-from engine.layers import LowRankLinear
+from engine import LLM, SamplingParams, load_model
+from engine.model.attention import AttentionContext
+from engine.model.cpu_serving import NativeDecoderLayer, to_cpu_serving
+from engine.model.layers import LowRankLinear
+from engine.model.llama import DecoderLayer
+from kernels.cpu import build as cpu_native
 
 pytestmark = [pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler"),
               pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",
@@ -57,8 +60,24 @@ def _model(name, tmp_path, rank_fraction=None):
     model = load_model(tmp_path, dtype=torch.float32, device="cpu")
     if rank_fraction is not None:
         _factorise(model, rank_fraction)
-    assert model.pack_for_cpu()
+    assert to_cpu_serving(model)
     return model
+
+
+def _per_operation(layer: NativeDecoderLayer) -> DecoderLayer:
+    """The same layer (same modules, same cache) as a plain `DecoderLayer`: every step operation by operation."""
+    plain = DecoderLayer.__new__(DecoderLayer)
+    plain.__dict__.update(layer.__dict__)
+    return plain
+
+
+def _natives(model) -> list:
+    return [layer if isinstance(layer, NativeDecoderLayer) else None for layer in model.model.layers]
+
+
+def _set_layers(model, layers) -> None:
+    for i, layer in enumerate(layers):
+        model.model.layers[i] = layer
 
 
 def _decode_batch(model, lengths, block_size):
@@ -80,18 +99,16 @@ def _decode_batch(model, lengths, block_size):
 
 def _run_both(model, ids, positions, ctx, pools):
     """Hidden states and caches after one step natively and operation by operation, from the same cache."""
-    natives = [layer.native for layer in model.model.layers]
+    natives = _natives(model)
     assert all(n is not None for n in natives)
     start = [p.clone() for p in pools]
     with torch.inference_mode():
         native = model(ids, positions, ctx), [p.clone() for p in pools]
         for pool, saved in zip(pools, start):
             pool.copy_(saved)
-        for layer in model.model.layers:
-            layer.native = None
+        _set_layers(model, [_per_operation(n) for n in natives])
         per_op = model(ids, positions, ctx), [p.clone() for p in pools]
-    for layer, n in zip(model.model.layers, natives):
-        layer.native = n
+    _set_layers(model, natives)
     return native, per_op
 
 
@@ -132,8 +149,8 @@ def test_layers_the_kernel_cannot_take_are_left_to_the_per_operation_path(tmp_pa
                       num_attention_heads=6, num_key_value_heads=2)  # head size 10: not a multiple of 16
     save_tiny_model(odd, tmp_path)
     model = load_model(tmp_path, dtype=torch.float32, device="cpu")
-    assert model.model.layers[0].native is None  # nothing packed yet
-    assert model.pack_for_cpu() and model.model.layers[0].native is None
+    assert _natives(model) == [None]  # nothing swapped yet
+    assert to_cpu_serving(model) and _natives(model) == [None]
 
 
 def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tmp_path):
@@ -155,13 +172,12 @@ def test_the_engine_decodes_through_the_native_layers(tmp_path, torch_kernels):
     save_tiny_model(CONFIGS["llama-gqa"], tmp_path)
     save_tiny_tokenizer(tmp_path, VOCAB)
     llm = LLM(tmp_path, dtype=torch.float32, device="cpu", kv_cache_memory=1 << 22)
-    layers = llm.model.model.layers
-    assert all(layer.native is not None for layer in layers)
+    natives = _natives(llm.model)
+    assert all(n is not None for n in natives)
     prompts = [[5, 6, 7], list(range(10, 40)), [3]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     native = llm.generate(prompts, params, use_tqdm=False)
-    for layer in layers:
-        layer.native = None
+    _set_layers(llm.model, [_per_operation(n) for n in natives])
     per_op = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(native, per_op):
         assert a.token_ids == b.token_ids

@@ -1,5 +1,5 @@
-"""Native RMSNorm and RoPE (engine.cpu_elementwise) against float64 references of what the torch
-paths (engine.layers.RMSNorm, engine.rope.apply_rope) compute."""
+"""Native RMSNorm and RoPE (kernels.cpu.elementwise) against float64 references of what the torch
+paths (engine.model.layers.RMSNorm, engine.model.rope.apply_rope) compute."""
 
 import os
 import shutil
@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from engine import cpu_native
-from engine.cpu_elementwise import native_elementwise_available, rms_norm, rope
-from engine.rope import apply_rope
+from engine.model.rope import apply_rope
+from kernels.cpu import build as cpu_native
+from kernels.cpu.elementwise import native_elementwise_available, rms_norm, rope
 
 pytestmark = [pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler"),
               pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",

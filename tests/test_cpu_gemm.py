@@ -1,4 +1,4 @@
-"""The packed CPU GEMMs (engine.cpu_gemm: our native kernel and oneDNN's) give F.linear's results,
+"""The packed CPU GEMMs (kernels.cpu.gemm: our native kernel and oneDNN's) give F.linear's results,
 layer by layer and for a whole model, checked against float64."""
 
 import os
@@ -9,9 +9,11 @@ import torch
 from transformers import LlamaConfig, Qwen2Config
 
 from conftest import save_tiny_model, save_tiny_tokenizer
-from engine import LLM, cpu_native, load_model
-from engine.cpu_gemm import can_pack, kernel_for, onednn_available, pack, packed_linear, packed_lowrank
-from engine.layers import Linear, LowRankLinear
+from engine import LLM, load_model
+from engine.model.cpu_serving import NativeRMSNorm, NativeRoPE, PackedLinear, PackedLowRankLinear, to_cpu_serving
+from engine.model.layers import Linear, LowRankLinear
+from kernels.cpu import build as cpu_native
+from kernels.cpu.gemm import can_pack, kernel_for, onednn_available, pack, packed_linear, packed_lowrank
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=0.05, rtol=0.01)}
 KERNELS = ["native", "onednn"]
@@ -137,10 +139,9 @@ def test_linear_and_lowrank_layers_pack_to_the_same_outputs():
             p.data = torch.randn_like(p)
     x = torch.randn(9, 40)
     expected = [dense(x), low(x)]
-    dense.pack_for_cpu()
-    low.pack_for_cpu()
-    assert dense.weight is None and low.A is None and low.B is None  # the dense copies are gone
-    for layer, want in zip((dense, low), expected):
+    packed = PackedLinear.from_linear(dense), PackedLowRankLinear.from_lowrank(low)
+    assert not any(isinstance(t, torch.Tensor) for t in vars(packed[0]).values())  # the dense copies are not kept
+    for layer, want in zip(packed, expected):
         torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
 
 
@@ -158,10 +159,11 @@ def test_packed_model_gives_the_same_logits(name, tmp_path):
     model = load_model(tmp_path, dtype=torch.float32, device="cpu")
     seqs = [torch.randint(0, 97, (n,)) for n in (1, 9, 40)]
     before = model.forward_sequences(seqs)
-    assert model.pack_for_cpu()
-    assert (model.packed_head is not None) == TINY[name].tie_word_embeddings
+    assert to_cpu_serving(model)
+    assert isinstance(model.lm_head, PackedLinear)  # tied or not
     native = cpu_native.library() is not None  # then norms and RoPE run natively too, checked here as a whole
-    assert model.model.norm.native == native and model.model.layers[0].self_attn.native_rope == native
+    assert isinstance(model.model.norm, NativeRMSNorm) == native
+    assert isinstance(model.model.layers[0].self_attn.rope, NativeRoPE) == native
     for got, want in zip(model.forward_sequences(seqs), before):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -169,12 +171,12 @@ def test_packed_model_gives_the_same_logits(name, tmp_path):
 def test_a_model_no_cpu_kernel_takes_is_left_as_it_is(tmp_path):
     save_tiny_model(TINY["llama-tied"], tmp_path)
     model = load_model(tmp_path, dtype=torch.float64, device="cpu")
-    assert not model.pack_for_cpu()
-    assert model.model.layers[0].self_attn.q_proj.weight is not None and model.packed_head is None
+    assert not to_cpu_serving(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Linear) and model.lm_head is None
 
 
 def _is_packed(llm: LLM) -> bool:
-    return llm.model.model.layers[0].mlp.down_proj.packed is not None
+    return isinstance(llm.model.model.layers[0].mlp.down_proj, PackedLinear)
 
 
 def test_engine_packs_on_cpu_unless_the_kernels_are_the_subject(tmp_path, torch_kernels):

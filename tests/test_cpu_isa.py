@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import dense_attention_ref, shuffled_paged_pools
-from engine import cpu_native
-from engine.cpu_attention import native_paged_decode
-from engine.cpu_gemm import pack, packed_linear, packed_lowrank
+from kernels.cpu import build as cpu_native
+from kernels.cpu.attention import native_paged_decode
+from kernels.cpu.gemm import pack, packed_linear, packed_lowrank
 
 pytestmark = [pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector extensions"),
               pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler"),

@@ -1,4 +1,4 @@
-"""glibc's malloc settings for CPU serving (engine.cpu_memory): a freed large tensor's memory is reused."""
+"""glibc's malloc settings for CPU serving (engine.core.cpu_memory): a freed large tensor's memory is reused."""
 
 import platform
 import resource
@@ -6,7 +6,7 @@ import resource
 import pytest
 import torch
 
-from engine.cpu_memory import keep_freed_memory
+from engine.core.cpu_memory import keep_freed_memory
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -34,9 +34,9 @@ def test_a_freed_large_tensor_is_reused_without_fresh_pages():
 
 @glibc
 def test_the_engine_sets_it_up_on_cpu(tmp_path, torch_kernels):
-    from conftest import save_tiny_model, save_tiny_tokenizer
     from transformers import LlamaConfig
 
+    from conftest import save_tiny_model, save_tiny_tokenizer
     from engine import LLM
 
     keep_freed_memory.cache_clear()

@@ -1,13 +1,15 @@
-"""Building and loading the native CPU kernel (engine.cpu_native): cached, atomic, clear when it cannot."""
+"""Building and loading the native CPU kernel (kernels.cpu.build): cached, atomic, clear when it cannot."""
 
+import ctypes
 import os
+import re
 import shutil
 import stat
 import warnings
 
 import pytest
 
-from engine import cpu_native
+from kernels.cpu import build as cpu_native
 
 COMPILER = os.environ.get("CC") or "cc"
 needs_compiler = pytest.mark.skipif(shutil.which(COMPILER) is None, reason="no C compiler")
@@ -21,7 +23,7 @@ def test_build_compiles_once_then_reuses_the_cached_library(tmp_path):
     assert cpu_native.build(directory=tmp_path) == first and first.stat().st_mtime_ns == built_at
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
     lib = cpu_native.load(first)
-    assert all(hasattr(lib, name) for name in cpu_native.SIGNATURES)
+    assert all(hasattr(lib, name) for name in cpu_native.signatures())
 
 
 def _fake_compiler(tmp_path, script: str):
@@ -101,3 +103,48 @@ def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(cpu_native.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cpu_native.cache_dir() == tmp_path / "xdg" / "lowrank-engine"
+
+
+def test_the_header_declares_every_exported_function_and_python_reads_them_all():
+    """lowrank_cpu.h is the one definition: every `lowrank_cpu_*` the sources define is declared there."""
+    defined = set()
+    for source in cpu_native.SOURCES:
+        defined |= set(re.findall(r"^\w+ (lowrank_cpu_\w+)\(", source.read_text(), re.M))
+    assert defined == set(cpu_native.signatures())
+
+
+@needs_compiler
+def test_pythons_view_of_the_abi_agrees_with_the_library():
+    from kernels.cpu.decoder_layer import LayerDescription, LinearDescription, layout_mismatches
+
+    if cpu_native.library() is None:
+        pytest.skip(f"{cpu_native.DISABLE_ENV}=0 turns the native kernels off")
+    assert layout_mismatches() == []
+    assert cpu_native.constant("sizeof(cpu_decoder_layer)") == ctypes.sizeof(LayerDescription)
+    assert cpu_native.constant("sizeof(cpu_linear)") == ctypes.sizeof(LinearDescription)
+    assert cpu_native.constant("PANEL") > 0
+    assert cpu_native.constant("HEAD_DIM_MULTIPLE") % cpu_native.constant("LANES") == 0
+    with pytest.raises(cpu_native.BuildError, match="no constant 'NO_SUCH'"):
+        cpu_native.constant("NO_SUCH")
+
+
+@needs_compiler
+def test_a_struct_mirror_that_drifts_from_the_header_is_named(monkeypatch):
+    from kernels.cpu import decoder_layer
+
+    if cpu_native.library() is None:
+        pytest.skip(f"{cpu_native.DISABLE_ENV}=0 turns the native kernels off")
+
+    fields = list(decoder_layer.LayerDescription._fields_)
+    a, b = fields.index(("input_norm", ctypes.c_void_p)), fields.index(("post_norm", ctypes.c_void_p))
+    fields[a], fields[b] = fields[b], fields[a]  # the two norms' pointers in the wrong order
+    fields.append(("extra", ctypes.c_int64))  # and a field the header does not have
+
+    class Drifted(ctypes.Structure):
+        _fields_ = fields
+
+    monkeypatch.setattr(decoder_layer, "LayerDescription", Drifted)
+    found = decoder_layer.layout_mismatches()
+    assert any(m.startswith("cpu_decoder_layer.input_norm: offset") for m in found)
+    assert any(m.startswith("sizeof(cpu_decoder_layer)") for m in found)
+

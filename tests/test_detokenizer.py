@@ -1,9 +1,10 @@
 """IncrementalDetokenizer's stop strings against a brute-force reference: the text it cuts, what a
 stream may show at every step, whatever the chunking, overlaps and re-decoded tails."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.core.detokenizer import IncrementalDetokenizer
 
 
 class ScriptedTokenizer:

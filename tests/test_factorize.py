@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from converters.factorize import whitened_svd
-from engine.rank_budget import allocate_ranks, module_params
+from engine.model.rank_budget import allocate_ranks, module_params
 
 
 def _inputs(n, d, rank=None):

@@ -7,7 +7,7 @@ from transformers import Qwen2Config
 from conftest import save_tiny_model
 from converters.cli import main
 from engine import load_model
-from engine.reference_decoding import stream_tokens
+from engine.eval.reference_decoding import stream_tokens
 
 CONFIG = Qwen2Config(vocab_size=83, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)

@@ -15,7 +15,8 @@ from converters.compress import CompressConfig, compress
 from converters.distill import distill_kl
 from converters.heal import HealConfig, heal
 from engine import load_model
-from engine.loader import MANIFEST, read_manifest, serving_ranks, weight_files
+from engine.model.checkpoint import MANIFEST, read_manifest, weight_files
+from engine.model.loader import serving_ranks
 
 VOCAB = 97
 # A larger init than transformers' 0.02, so the teacher's next-token distributions are far from uniform.

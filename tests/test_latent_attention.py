@@ -6,7 +6,7 @@ import torch
 
 import kernels
 from conftest import shuffled_paged_pools
-from engine.rope import apply_rope
+from engine.model.rope import apply_rope
 from kernels.latent_attention import latent_attention_ref, latent_decode_attention, rebuild_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from server_harness import spawn  # noqa: F401 (a fixture)
 from transformers import LlamaConfig, Qwen2Config
 
 from conftest import save_tiny_model, save_tiny_tokenizer
@@ -13,10 +14,9 @@ from converters.compress import CompressConfig, compress
 from converters.factorize import Factors
 from converters.lorc import KVPrepared, LoRCConfig, kv_names, lorc, progressive_ranks, write_latent_folder
 from engine import LLM, SamplingParams, load_model
-from engine.kv_cache import bytes_per_block
-from engine.layers import LowRankLinear
-from engine.reference_decoding import stream_tokens
-from server_harness import spawn  # noqa: F401 (a fixture)
+from engine.core.kv_cache import bytes_per_block
+from engine.eval.reference_decoding import stream_tokens
+from engine.model.layers import LowRankLinear
 
 VOCAB = 101
 CONFIGS = {

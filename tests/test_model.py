@@ -1,5 +1,7 @@
 """Our model code gives transformers' logits on tiny random Llama / Mistral / Qwen2 models."""
 
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -101,4 +103,13 @@ def test_loader_rejects_wrong_shapes_and_unsupported_configs(tmp_path):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"rope_parameters": {"rope_type": "yarn", "factor": 2}}))
     with pytest.raises(ModelFolderError, match="rope_type 'yarn' is not supported"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("version", [2, None, "1"])
+def test_loader_refuses_a_manifest_of_another_format_version(version, tmp_path):
+    save_tiny_model(CONFIGS["llama-gqa-tied"], tmp_path)
+    manifest = {"method": "svd", "modules": {}} | ({} if version is None else {"format_version": version})
+    (tmp_path / "lowrank.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match=rf"format_version {version!r}; this lowrank-engine reads version 1"):
         load_model(tmp_path)

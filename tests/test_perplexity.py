@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 from conftest import save_tiny_model
 from converters.cli import main
 from engine import load_model
-from engine.perplexity import load_text, make_windows, perplexity
+from engine.eval.perplexity import load_text, make_windows, perplexity
 
 
 @pytest.mark.parametrize("n, ctx, stride", [(1000, 512, 512), (1000, 512, 128), (512, 512, 512), (7, 4, 3), (2, 2, 1)])

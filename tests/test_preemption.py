@@ -4,12 +4,10 @@ same output, whatever the pool size, budget or prefix caching (tests/fake_engine
 import random
 
 import pytest
+from fake_engine import (VOCAB, FakeModel, assert_all_released, check_invariants, make_scheduler, make_seq, prompt,
+                         run_alone, run_to_end, step)
 
-from engine.sequence import SequenceStatus
-from fake_engine import (
-    VOCAB, FakeModel, make_seq, prompt, make_scheduler,
-    check_invariants, step, run_to_end, run_alone, assert_all_released,
-)
+from engine.core.sequence import SequenceStatus
 
 
 # -- preemption --------------------------------------------------------------------------------------

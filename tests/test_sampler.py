@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, apply_penalties, block_early_stop, token_counts, truncate
+from engine.core.sampler import Sampler, apply_penalties, block_early_stop, token_counts, truncate
+from engine.core.sequence import Sequence
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
 
 CPU = torch.device("cpu")
 VOCAB = 64

@@ -3,10 +3,10 @@
 import dataclasses
 
 import pytest
-
-from engine.sampling_params import SamplingParams
-from engine.sequence import SequenceStatus
 from fake_engine import make_seq
+
+from engine.core.sequence import SequenceStatus
+from engine.sampling_params import SamplingParams
 
 
 # -- SamplingParams and Sequence ---------------------------------------------------------------------

@@ -2,11 +2,10 @@
 prefix caching, n > 1 siblings and aborts."""
 
 import pytest
+from fake_engine import (FakeModel, assert_all_released, check_invariants, make_scheduler, make_seq, prompt, run_alone,
+                         run_to_end, step)
 
-from engine.sequence import SequenceStatus
-from fake_engine import (
-    FakeModel, make_seq, prompt, make_scheduler, check_invariants, step, run_to_end, run_alone, assert_all_released,
-)
+from engine.core.sequence import SequenceStatus
 
 
 # -- budget, chunking, seats ------------------------------------------------------------------------

@@ -25,8 +25,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams, shown
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams, shown
+
 from .async_engine import AsyncEngine, EngineClosed, Event
 from .protocol import APIError, ChatRequest, CompletionRequest
 from .token_bytes import TokenBytes

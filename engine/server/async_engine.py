@@ -17,9 +17,10 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from ..llm import LLM
-from ..outputs import RequestOutput, StreamDelta
-from ..sampling_params import SamplingParams
+from engine.llm import LLM
+from engine.outputs import RequestOutput, StreamDelta
+from engine.sampling_params import SamplingParams
+
 from .metrics import Metrics
 
 

@@ -50,8 +50,8 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, serve
           ratio: float | None = None, shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S,
           max_sequences_per_request: int | None = None, **engine_settings) -> None:
     """Load the model, start the engine thread and serve until Ctrl-C / SIGTERM (drains first)."""
-    from ..llm import LLM
-    from ..loader import load_tokenizer
+    from engine.llm import LLM
+    from engine.model.loader import load_tokenizer
 
     if not shutdown_grace >= 0:
         raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {shutdown_grace}")

@@ -10,10 +10,9 @@ import json
 from typing import Any, Literal
 
 from fastapi.responses import Response
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling_params import SamplingParams, shown
+from engine.sampling_params import SamplingParams, shown
 
 
 class APIError(Exception):

@@ -1,0 +1,168 @@
+/* CPU GEMMs for the engine's linears at every batch size: y = x·Wᵀ (+ bias), and the fused
+ * low-rank y = (x·Bᵀ)·Aᵀ (+ bias) whose rank-r intermediate never leaves the cache.
+ *
+ * Why our own: at decode sizes (1-64 rows) oneDNN spends ~16 µs per call building its primitive
+ * descriptor and MKL's small-M path runs at a third of peak, so a factorised layer (two small
+ * GEMMs) gained nothing over the dense one it replaces. This kernel is one loop nest that GCC
+ * vectorises for the host (-march=native): ~1 µs per call, the DRAM bandwidth at 1 row, and
+ * oneDNN's speed at prefill sizes.
+ *
+ * Weight layout ("panels"): W [N, K] is stored as ceil(N/16) panels of [K][16] floats, panel p
+ * holding output columns 16p..16p+15 (zero-padded past N), so the inner loop reads the weight as
+ * one contiguous stream. A tile is R rows x 1 panel held in vector accumulators (one lane per
+ * output column): per k, one load of the panel's 16 weights and one FMA per row and register with
+ * x[m][k] broadcast. R is what the host's vector registers hold (ONE_PANEL_ROWS below): 16 with
+ * AVX-512, where tiles above 16 rows are 8 rows x 2 panels; 6 with AVX2, a panel row taking two
+ * of its 16 registers. The row tiles of a panel run back to back, so it comes from DRAM once and
+ * from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
+ * runtime torch uses). The native decoder layer (decoder_layer.c) calls `gemm_shared` directly.
+ *
+ * Built and loaded by kernels/cpu/build.py; packing and dispatch are in kernels/cpu/gemm.py.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "lowrank_cpu.h"
+
+#define MAX_ROWS 16
+#define MAX_TILES 2 /* adjacent panels per tile at prefill sizes */
+#define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
+#define PREFETCH 32 /* weight rows (of 16 floats: one cache line) fetched ahead of the FMAs */
+
+/* Rows per tile: the accumulators (rows x vectors per panel row), the panel row and one broadcast
+ * must fit the vector registers (LANES, lowrank_cpu.h). Measured on a 2-core Zen 3 (AVX2) at
+ * 16 x 1536 x 576: the AVX-512 tile (16 rows, as 32 accumulators of 8 floats) ran at 10 GFLOP/s,
+ * 6 rows at ~120. No two-panel tiles below AVX-512 (TWO_PANEL_ROWS 0): 2 rows x 2 panels would be
+ * bound by its loads. */
+#if LANES == 16
+#define ONE_PANEL_ROWS 16
+#define TWO_PANEL_ROWS 8
+#elif LANES == 8 || defined(__aarch64__)
+#define ONE_PANEL_ROWS 6 /* 16 ymm with AVX2, 32 q registers with NEON */
+#else
+#define ONE_PANEL_ROWS 3 /* SSE: 16 xmm, 4 per panel row */
+#endif
+#ifndef TWO_PANEL_ROWS
+#define TWO_PANEL_ROWS 0
+#endif
+#define VECTORS (PANEL / LANES) /* registers per panel row */
+
+/* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
+ * rows. ROWS and TILES are compile-time constants at every call site, so the accumulators live in
+ * registers (they are never address-taken): at decode sizes one panel (the weight streamed
+ * once), with AVX-512 8 rows x 2 panels at prefill sizes (each broadcast of x feeds two FMAs:
+ * 10 loads per 16 FMAs instead of 17). */
+static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const float *x,
+                                                            int64_t ldx, int64_t K, const float *panel, float *y,
+                                                            int64_t ldy, int cols, const float *bias,
+                                                            const float *ahead)
+{
+    vec acc[MAX_ROWS][MAX_TILES * VECTORS];
+    for (int m = 0; m < ROWS; m++)
+        for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] = (vec){0};
+    for (int64_t k = 0; k < K; k++) {
+        vec w[MAX_TILES * VECTORS];
+        for (int t = 0; t < TILES; t++) {
+            const float *row = panel + t * K * PANEL + PANEL * k;
+            __builtin_prefetch(ahead + t * K * PANEL + PANEL * k, 0, 0);
+            for (int v = 0; v < VECTORS; v++) w[t * VECTORS + v] = *(const vec_unaligned *)(row + LANES * v);
+        }
+        for (int m = 0; m < ROWS; m++) {
+            const float xm = x[m * ldx + k];
+            for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * w[v];
+        }
+    }
+    for (int t = 0; t < TILES && PANEL * t < cols; t++) {
+        const int width = cols - PANEL * t < PANEL ? cols - PANEL * t : PANEL;
+        float b[PANEL] = {0};
+        if (bias) memcpy(b, bias + PANEL * t, sizeof(float) * width);
+        for (int m = 0; m < ROWS; m++) {
+            float *out = y + m * ldy + PANEL * t, tail[PANEL];
+            float *dst = width == PANEL ? out : tail;  /* a partial panel goes through `tail` */
+            for (int v = 0; v < VECTORS; v++)
+                *(vec_unaligned *)(dst + LANES * v) = acc[m][t * VECTORS + v] + *(const vec_unaligned *)(b + LANES * v);
+            if (width < PANEL) memcpy(out, tail, sizeof(float) * width);
+        }
+    }
+}
+
+/* All M rows times `tiles` (1 or 2) adjacent panels: full blocks of rows, then the remainder, each
+ * with its row count as a constant. The first row tile streams the panel from DRAM, fetching it
+ * PREFETCH rows ahead; the later ones read it from L2 and meanwhile fetch the next tile's panels,
+ * so DRAM stays busy through them (16 rows on the Zen 3, cold SmolLM2 weights: 30 layers' dense
+ * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). */
+static void tile_all_rows(const int tiles, const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel,
+                          float *y, int64_t ldy, int cols, const float *bias)
+{
+    const int64_t block = tiles == 2 ? TWO_PANEL_ROWS : ONE_PANEL_ROWS;
+    const float *own = panel + PANEL * PREFETCH, *next = panel + tiles * K * PANEL;
+    int64_t m = 0;
+    for (; m + block <= M; m += block) {
+        const float *ahead = m ? next : own;
+        if (TWO_PANEL_ROWS && tiles == 2)
+            tile_rows(TWO_PANEL_ROWS, 2, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias, ahead);
+        else
+            tile_rows(ONE_PANEL_ROWS, 1, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias, ahead);
+    }
+    const float *xr = x + m * ldx, *ahead = m ? next : own;
+    float *yr = y + m * ldy;
+    switch (M - m) {  /* below `block` rows */
+#define REMAINDER(n)                                                                                      \
+    case n:                                                                                               \
+        if (TWO_PANEL_ROWS && tiles == 2) {  /* constant conditions: no tile wider than the registers */  \
+            if (n < TWO_PANEL_ROWS) tile_rows(n, 2, xr, ldx, K, panel, yr, ldy, cols, bias, ahead);        \
+        } else if (n < ONE_PANEL_ROWS)                                                                    \
+            tile_rows(n, 1, xr, ldx, K, panel, yr, ldy, cols, bias, ahead);                               \
+        break;
+    REMAINDER(1) REMAINDER(2) REMAINDER(3) REMAINDER(4) REMAINDER(5) REMAINDER(6) REMAINDER(7)
+    REMAINDER(8) REMAINDER(9) REMAINDER(10) REMAINDER(11) REMAINDER(12) REMAINDER(13) REMAINDER(14)
+    REMAINDER(15)
+#undef REMAINDER
+    default: break;
+    }
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · Wᵀ + bias, W packed; called inside a
+ * parallel region, the (row block, panel) tiles shared among its threads (implicit barrier at the
+ * end). Up to ROW_BLOCK rows the threads split the panels; beyond, each thread takes whole row
+ * blocks, whose rows stay in its L2 while the panels stream past. */
+void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const float *packed, int64_t N, float *y,
+                 int64_t ldy, const float *bias)
+{
+    const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t step = TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1, tiles = (panels + step - 1) / step;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t r = 0; r < row_blocks; r++) {
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t m = r * ROW_BLOCK, rows = M - m < ROW_BLOCK ? M - m : ROW_BLOCK, p = t * step;
+            const int64_t width = N - PANEL * p < step * PANEL ? N - PANEL * p : step * PANEL;
+            const float *w = packed + p * K * PANEL, *b = bias ? bias + PANEL * p : 0;
+            float *out = y + m * ldy + PANEL * p;
+            tile_all_rows(width > PANEL ? 2 : 1, x + m * ldx, ldx, rows, K, w, out, ldy, (int)width, b);
+        }
+    }
+}
+
+/* y [M, N] = x [M, K] · Wᵀ + bias (bias may be NULL); x, y contiguous. */
+void lowrank_cpu_linear(const float *x, int64_t M, int64_t K, const float *packed, int64_t N, const float *bias,
+                        float *y, int threads)
+{
+#pragma omp parallel num_threads(threads)
+    gemm_shared(x, K, M, K, packed, N, y, N, bias);
+}
+
+void lowrank_shared(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R, const float *packed_a,
+                    int64_t N, const float *bias, float *scratch, float *y)
+{
+    gemm_shared(x, K, M, K, packed_b, R, scratch, R, 0);  /* its implicit barrier: scratch is whole */
+    gemm_shared(scratch, R, M, R, packed_a, N, y, N, bias);
+}
+
+/* y [M, N] = (x [M, K] · Bᵀ) · Aᵀ + bias with B [R, K], A [N, R] packed; scratch [M, R] holds
+ * x·Bᵀ between the two phases (one parallel region, a barrier between them). */
+void lowrank_cpu_lowrank(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R,
+                         const float *packed_a, int64_t N, const float *bias, float *scratch, float *y, int threads)
+{
+#pragma omp parallel num_threads(threads)
+    lowrank_shared(x, M, K, packed_b, R, packed_a, N, bias, scratch, y);
+}

@@ -1,0 +1,142 @@
+"""Linear layers on CPU with each weight repacked once, at load, for the kernel that serves it.
+
+Two kernels, chosen per weight by `pack`:
+
+- `native` (float32): our C kernel (kernels/cpu/gemm.c, built by `kernels.cpu.build`). It serves a
+  factorised layer as one fused call, (x·Bᵀ)·Aᵀ with the rank-r intermediate kept in cache, where
+  oneDNN makes two calls of ~16 µs fixed cost each. On the 2-core AVX2 Zen 3 we measure on
+  (bench/results/cpu-kernels-cpu.md, 4 SmolLM2 layers at 16 rows): factorised at a 0.4
+  compression's ranks 4.67 ms vs 9.75 ms through oneDNN, dense 5.74 ms vs 11.93 ms, and within a
+  few percent of oneDNN at prefill sizes (an AVX-512 EPYC gave 1.85 / 2.93 and 2.69 / 3.59 ms).
+- `onednn` (float32 where the native kernel cannot be built; bfloat16 where the CPU has bf16):
+  oneDNN's inner product on a weight reordered into its blocked layout
+  (`mkldnn._reorder_linear_weight` / `mkldnn._linear_pointwise`, the ops Inductor emits for
+  frozen CPU linears), 1.5-3x faster than `F.linear`'s MKL path at decode sizes.
+
+The packed weight replaces the dense one, which is dropped, except where something else reads it
+(a tied head's embedding table).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from kernels.cpu import build as cpu_native
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A weight [out_features, in_features] in a kernel's own layout (opaque outside this module)."""
+
+    data: torch.Tensor
+    out_features: int
+    in_features: int
+    kernel: str  # "native" (panels of [in, PANEL], kernels/cpu/gemm.c) or "onednn" (its blocked layout)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN and the packed-linear ops (checked once)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+def kernel_for(weight: torch.Tensor, kernel: str | None = None) -> str | None:
+    """The kernel that would serve `weight` ("native", "onednn"), or None where neither can.
+
+    `kernel` asks for one (tests, benchmarks); None picks the fastest available.
+    """
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.dim() != 2:
+        return None
+    native = weight.dtype == torch.float32 and cpu_native.library() is not None
+    onednn = onednn_available() and (weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if kernel is None:
+        return "native" if native else "onednn" if onednn else None
+    return kernel if {"native": native, "onednn": onednn}.get(kernel) else None
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """A 2-D CPU weight some kernel takes: float32, or bfloat16 where oneDNN has bf16 on this CPU."""
+    return kernel_for(weight) is not None
+
+
+def pack(weight: torch.Tensor, kernel: str | None = None) -> PackedWeight:
+    """weight [out, in] -> its copy in the layout of `kernel` (default: the fastest available)."""
+    chosen = kernel_for(weight, kernel)
+    if chosen is None:
+        wanted = f"the {kernel} kernel" if kernel else "a CPU kernel"
+        raise ValueError(f"cannot pack a {weight.dtype} weight of shape {tuple(weight.shape)} on {weight.device} "
+                         f"for {wanted} (CPU, float32 or bfloat16, 2-D; native needs a C compiler, onednn oneDNN)")
+    out_f, in_f = weight.shape
+    if chosen == "native":
+        panel = cpu_native.constant("PANEL")  # output columns per panel, as the library was built
+        panels = -(-out_f // panel)
+        padded = torch.zeros(panels * panel, in_f, dtype=weight.dtype)
+        padded[:out_f] = weight
+        data = padded.view(panels, panel, in_f).transpose(1, 2).contiguous()  # [panels, in, PANEL]
+    else:
+        data = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    return PackedWeight(data, out_f, in_f, chosen)
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [..., in] -> contiguous float32 rows [N, in] for the native kernel (no copy when already so)."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weight takes {in_features}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"the native CPU kernel takes float32 inputs, got {x.dtype}")
+    return x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, in_features).contiguous()
+
+
+def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _bias_pointer(bias: torch.Tensor | None, out_features: int) -> int | None:
+    """The bias's data pointer for the C kernel (None stays NULL), after checking what the kernel reads."""
+    if bias is None:
+        return None
+    if bias.dtype != torch.float32 or bias.device.type != "cpu" or not bias.is_contiguous():
+        raise ValueError(f"the native CPU kernel takes a contiguous float32 CPU bias, got {bias.dtype} on {bias.device}")
+    if bias.numel() != out_features:
+        raise ValueError(f"bias has {bias.numel()} values for {out_features} outputs")
+    return bias.data_ptr()
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> x·Wᵀ + bias [..., out], W the weight `packed` came from."""
+    if packed.kernel == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
+    rows = _rows(x, packed.in_features)
+    y = torch.empty(rows.shape[0], packed.out_features, dtype=rows.dtype)
+    if rows.shape[0]:
+        cpu_native.library().lowrank_cpu_linear(
+            rows.data_ptr(), rows.shape[0], packed.in_features, packed.data.data_ptr(), packed.out_features,
+            _bias_pointer(bias, packed.out_features), y.data_ptr(), torch.get_num_threads())
+    return _like_input(y, x)
+
+
+def packed_lowrank(x: torch.Tensor, packed_B: PackedWeight, packed_A: PackedWeight,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> (x·Bᵀ)·Aᵀ + bias [..., out]: one fused call when both factors are native."""
+    if packed_B.kernel != "native" or packed_A.kernel != "native":
+        return packed_linear(packed_linear(x, packed_B), packed_A, bias)
+    if packed_A.in_features != packed_B.out_features:
+        raise ValueError(f"factor shapes disagree: B gives rank {packed_B.out_features}, "
+                         f"A takes {packed_A.in_features}")
+    rows = _rows(x, packed_B.in_features)
+    m, rank = rows.shape[0], packed_B.out_features
+    y = torch.empty(m, packed_A.out_features, dtype=rows.dtype)
+    if m:
+        scratch = torch.empty(m, rank, dtype=rows.dtype)
+        cpu_native.library().lowrank_cpu_lowrank(
+            rows.data_ptr(), m, packed_B.in_features, packed_B.data.data_ptr(), rank, packed_A.data.data_ptr(),
+            packed_A.out_features, _bias_pointer(bias, packed_A.out_features), scratch.data_ptr(), y.data_ptr(),
+            torch.get_num_threads())
+    return _like_input(y, x)
