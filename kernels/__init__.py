@@ -1,9 +1,11 @@
-"""Triton kernels, each beside its plain-torch reference; imports only torch and triton.
+"""The kernels and their one dispatch; imports only torch and triton (and ctypes under `cpu/`).
 
-`lowrank_gemm` (the engine's `LowRankLinear`, the SoCo trainer), `paged_attention` (the
-engine's attention over its paged KV cache) and `latent_attention` (the same over a LoRC latent
-cache) are the entry points callers use. The backend is chosen once, at import, from
-`LOWRANK_KERNELS`:
+Each Triton kernel sits beside its plain-torch reference (`lowrank_gemm.py`, `paged_attention.py`,
+`latent_attention.py`: the launchers are `*_triton`, the references `*_ref`); the native C
+kernels that stand in for them on CPUs are under `cpu/`. The dispatchers here keep the plain
+names: `lowrank_gemm` (the engine's `LowRankLinear`, the SoCo and healing trainers),
+`paged_attention` (the engine's attention over its paged KV cache) and `latent_attention` (the
+same over a LoRC latent cache). The backend is chosen once, at import, from `LOWRANK_KERNELS`:
 
 - `auto` (default): Triton for CUDA tensors, and for CPU tensors when `TRITON_INTERPRET=1`
   (how CI checks the kernels); the torch reference otherwise (CPU, and float64 anywhere).
@@ -17,11 +19,10 @@ import os
 
 import torch
 
-from .latent_attention import (latent_attention_ref, latent_decode_attention, latent_decode_refusal,
-                               latent_decode_supported)
-from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref
-from .lowrank_gemm import lowrank_gemm as lowrank_gemm_triton
-from .paged_attention import paged_attention_ref, paged_decode_attention, paged_decode_supported
+from .interpreter import INTERPRET
+from .latent_attention import latent_attention_ref, latent_decode_refusal, latent_decode_supported, latent_decode_triton
+from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref, lowrank_gemm_triton
+from .paged_attention import paged_attention_ref, paged_decode_supported, paged_decode_triton
 
 BACKEND_ENV = "LOWRANK_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
@@ -35,14 +36,13 @@ def _backend() -> str:
 
 
 BACKEND = _backend()
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def uses_triton(x: torch.Tensor) -> bool:
     """Whether `lowrank_gemm` runs the Triton kernel for this input."""
     if BACKEND == "triton":
         return True
-    return BACKEND == "auto" and x.dtype in KERNEL_DTYPES and (x.is_cuda or _INTERPRET)
+    return BACKEND == "auto" and x.dtype in KERNEL_DTYPES and (x.is_cuda or INTERPRET)
 
 
 def lowrank_gemm(
@@ -75,7 +75,7 @@ def paged_attention(
     """
     if decode_kernel_applies(q, k_cache, query_lens):
         lens = device_lens(context_lens, context_lens_tensor, q.device)
-        return paged_decode_attention(q, k_cache, v_cache, block_tables, lens, sliding_window)
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, lens, sliding_window)
     if context_lens is None:
         raise ValueError("the reference paged attention needs context_lens on the host")
     return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_lens, sliding_window)
@@ -116,7 +116,7 @@ def latent_attention(
     if latent_decode_kernel_applies(q, ck_cache, query_lens) and latent_decode_refusal(
             q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq) is None:
         lens = device_lens(context_lens, context_lens_tensor, q.device)
-        return latent_decode_attention(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,
+        return latent_decode_triton(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,
                                        lens, sliding_window)
     if context_lens is None:
         raise ValueError("the reference latent attention needs context_lens on the host")
@@ -130,6 +130,6 @@ def latent_decode_kernel_applies(q: torch.Tensor, ck_cache: torch.Tensor, query_
 
 
 __all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
-           "paged_attention_ref", "paged_decode_attention", "decode_kernel_applies", "latent_attention",
-           "latent_attention_ref", "latent_decode_attention", "latent_decode_kernel_applies", "device_lens",
+           "paged_attention_ref", "paged_decode_triton", "decode_kernel_applies", "latent_attention",
+           "latent_attention_ref", "latent_decode_triton", "latent_decode_kernel_applies", "device_lens",
            "uses_triton"]

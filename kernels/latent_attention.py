@@ -10,7 +10,7 @@ The caches are paged like `paged_attention`'s: `ck_cache` [num_blocks, block_siz
 `cv_cache` [num_blocks, block_size, r_v], sequence i's tokens in the blocks `block_tables[i]`
 lists, in order. `latent_attention_ref` is the plain-torch reference and CPU path: it rebuilds
 dense K/V for the blocks in use and hands them to `paged_attention_ref`, so the masking (causal,
-sliding window, ragged lengths, chunked prefills) is the tested one. `latent_decode_attention`
+sliding window, ragged lengths, chunked prefills) is the tested one. `latent_decode_triton`
 is the Triton kernel for decode steps: it rebuilds each head's keys in registers from the c_k
 tile, rotates them with cos/sin of the keys' positions, and accumulates softmax·c_v in latent
 space so A_v is applied once per head at the end (the weights sum to 1: b_v adds directly).
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .paged_attention import INTERPRET, MIN_ROWS, NO_WINDOW, paged_attention_ref
+from .interpreter import INTERPRET
+from .paged_attention import MIN_ROWS, NO_WINDOW, paged_attention_ref
 
 
 def rebuild_kv(
@@ -237,7 +238,7 @@ def latent_decode_refusal(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv
     return None
 
 
-def latent_decode_attention(
+def latent_decode_triton(
     q: torch.Tensor,
     ck_cache: torch.Tensor,
     cv_cache: torch.Tensor,

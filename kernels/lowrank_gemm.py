@@ -7,20 +7,19 @@ no zeroed buffer, and the only round trip through memory is the small [splits, M
 Expand: y = t·Aᵀ + bias, tiled over (rows, out) with the full-rank loop inside.
 Both read A and B exactly once from HBM in decode; both use `tl.dot` (fp32 accumulation).
 
-`lowrank_gemm` is the Triton launcher, `LowRankGEMM` its autograd function (grads for x, the
+`lowrank_gemm_triton` is the Triton launcher, `LowRankGEMM` its autograd function (grads for x, the
 scale, A, B and the bias: SoCo trains the scale, healing the factors), `lowrank_gemm_ref` the
 plain-torch reference and CPU path.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .interpreter import INTERPRET
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split `in` until the shrink grid has about this many programs per SM.
 PROGRAMS_PER_SM = 2
@@ -287,7 +286,7 @@ class LowRankGEMM(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_bias, grad_scale, None, None
 
 
-def lowrank_gemm(
+def lowrank_gemm_triton(
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,

@@ -7,17 +7,17 @@ t of sequence i sits at position context_lens[i] - query_lens[i] + t and sees ke
 
 `paged_attention_ref` is the plain-torch reference and CPU path: decoding sequences (one query
 each) are gathered into one padded, masked SDPA call; longer queries go one sequence at a time.
-`paged_decode_attention` is the Triton kernel for decode steps (one query per sequence).
+`paged_decode_triton` is the Triton kernel for decode steps (one query per sequence).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .interpreter import INTERPRET
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -95,7 +95,6 @@ def paged_attention_ref(
 # One program per (sequence, KV head) holds the group's query heads as the rows of a `tl.dot`
 # (vLLM's grouped decode layout), walks the sequence's keys BLOCK_N at a time through its block
 # table with an online softmax, and writes the group's outputs once.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_N = 64  # keys per iteration (several cache blocks)
 MIN_ROWS = 16  # tl.dot needs 16 rows: the group's query heads are padded up to it
 NO_WINDOW = 1 << 30  # "no sliding window": a window longer than any context
@@ -159,7 +158,7 @@ def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.shape[1] % k_cache.shape[2] == 0 and q.stride(-1) == 1)
 
 
-def paged_decode_attention(
+def paged_decode_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

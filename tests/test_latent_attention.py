@@ -7,7 +7,7 @@ import torch
 import kernels
 from conftest import shuffled_paged_pools
 from engine.model.rope import apply_rope
-from kernels.latent_attention import latent_attention_ref, latent_decode_attention, rebuild_kv
+from kernels.latent_attention import latent_attention_ref, latent_decode_triton, rebuild_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
@@ -130,7 +130,7 @@ def test_kernel_matches_reference(dtype, atol, rtol, num_heads, num_kv_heads, he
     q, ck_cache, cv_cache, weights, tables = _latent_inputs(LENGTHS, num_heads, num_kv_heads, head_dim, rank_k,
                                                             rank_v, biases, dtype)
     lens = torch.tensor(LENGTHS, dtype=torch.int32, device=DEVICE)
-    out = latent_decode_attention(q, ck_cache, cv_cache, *weights, tables, lens, window)
+    out = latent_decode_triton(q, ck_cache, cv_cache, *weights, tables, lens, window)
     ref = latent_attention_ref(q.double(), ck_cache.double(), cv_cache.double(), *_double(weights), tables, LENGTHS,
                                (1,) * len(LENGTHS), window)
     assert not out.isnan().any()
@@ -141,7 +141,7 @@ def test_kernel_matches_reference(dtype, atol, rtol, num_heads, num_kv_heads, he
 def test_long_context():
     lengths = (4099, 1, 2048)
     q, ck_cache, cv_cache, weights, tables = _latent_inputs(lengths, 32, 8, 128, 300, 520, True, torch.float16)
-    out = latent_decode_attention(q, ck_cache, cv_cache, *weights, tables,
+    out = latent_decode_triton(q, ck_cache, cv_cache, *weights, tables,
                                   torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
     ref = latent_attention_ref(q.double(), ck_cache.double(), cv_cache.double(), *_double(weights), tables, lengths,
                                (1, 1, 1))
@@ -166,20 +166,20 @@ def test_bad_inputs_are_refused(num_heads, num_kv_heads, head_dim, change):
     elif change == "inv_freq":
         inv_freq = inv_freq.double()
     with pytest.raises(ValueError, match=rf"got q \({len(q)}, {num_heads}, {head_dim}\), ck_cache"):
-        latent_decode_attention(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, tables,
+        latent_decode_triton(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, tables,
                                 torch.tensor([5], dtype=torch.int32, device=DEVICE))
 
 
 def test_mixed_dtypes_are_refused():
     q, ck_cache, cv_cache, weights, tables = _latent_inputs((5,), 4, 2, 32, 12, 20, False, torch.float32)
     with pytest.raises(ValueError, match="one dtype"):
-        latent_decode_attention(q.half(), ck_cache, cv_cache, *weights, tables,
+        latent_decode_triton(q.half(), ck_cache, cv_cache, *weights, tables,
                                 torch.tensor([5], dtype=torch.int32, device=DEVICE))
 
 
 def test_dispatch_sends_decode_steps_to_the_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "latent_decode_attention", lambda *a: calls.append(a) or torch.zeros(1))
+    monkeypatch.setattr(kernels, "latent_decode_triton", lambda *a: calls.append(a) or torch.zeros(1))
     q, ck_cache, cv_cache, weights, tables = _latent_inputs((3, 20), 4, 2, 32, 12, 20, False, torch.float32)
     assert kernels.latent_decode_kernel_applies(q, ck_cache, (1, 1))
     kernels.latent_attention(q, ck_cache, cv_cache, *weights, tables, (3, 20), (1, 1))

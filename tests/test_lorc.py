@@ -190,11 +190,11 @@ def test_engine_decodes_through_the_latent_kernel(tmp_path, monkeypatch):
 
     def counted(*args, **kwargs):
         launches.append(args[0].shape[0])
-        return kernels.latent_decode_attention.__wrapped__(*args, **kwargs)
+        return kernels.latent_decode_triton.__wrapped__(*args, **kwargs)
 
-    counted.__wrapped__ = kernels.latent_decode_attention
+    counted.__wrapped__ = kernels.latent_decode_triton
     monkeypatch.setattr(kernels, "BACKEND", "triton")  # CI's interpreter; on a GPU the compiled kernel
-    monkeypatch.setattr(kernels, "latent_decode_attention", counted)
+    monkeypatch.setattr(kernels, "latent_decode_triton", counted)
     llm = LLM(tmp_path / "out", dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=64)
     prompts = [[3, 4, 5], torch.randint(2, VOCAB, (20,)).tolist()]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)

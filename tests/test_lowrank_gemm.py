@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.lowrank_gemm import LowRankGEMM, lowrank_gemm, lowrank_gemm_ref
+from kernels.lowrank_gemm import LowRankGEMM, lowrank_gemm_ref, lowrank_gemm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,7 +62,7 @@ def _expected(x, A, B, bias, scale, rank):
 def test_matches_reference_over_shapes(m, shape):
     x, A, B, bias, scale = _inputs(m, shape)
     rank = shape[2] - 5  # serve a smaller model from the same tensors
-    torch.testing.assert_close(lowrank_gemm(x, A, B, bias, scale, rank), _expected(x, A, B, bias, scale, rank),
+    torch.testing.assert_close(lowrank_gemm_triton(x, A, B, bias, scale, rank), _expected(x, A, B, bias, scale, rank),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -71,7 +71,7 @@ def test_matches_reference_over_shapes(m, shape):
 @pytest.mark.parametrize("m", [1, 17])
 def test_matches_reference_over_dtypes(dtype, atol, rtol, bias, scale, m):
     x, A, B, b, s = _inputs(m, SHAPES["smollm2-down"], dtype, bias, scale)
-    torch.testing.assert_close(lowrank_gemm(x, A, B, b, s), _expected(x, A, B, b, s, None), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lowrank_gemm_triton(x, A, B, b, s), _expected(x, A, B, b, s, None), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
@@ -82,7 +82,7 @@ def test_non_contiguous_inputs_and_leading_dims(dtype, atol, rtol):
     A = torch.randn(r, out_f, device=DEVICE).to(dtype).T / r**0.5  # column-major A
     B = torch.randn(in_f, r, device=DEVICE).to(dtype).T / in_f**0.5  # column-major B
     assert not (x.is_contiguous() or A.is_contiguous() or B.is_contiguous())
-    y = lowrank_gemm(x, A, B, rank=r - 1)
+    y = lowrank_gemm_triton(x, A, B, rank=r - 1)
     assert y.shape == (2, 5, out_f)
     torch.testing.assert_close(y, _expected(x, A, B, None, None, r - 1), atol=atol, rtol=rtol)
 
@@ -90,7 +90,7 @@ def test_non_contiguous_inputs_and_leading_dims(dtype, atol, rtol):
 @pytest.mark.parametrize("rank", [0, 1, 16, 61])
 def test_rank_limit_uses_exactly_the_leading_components(rank):
     x, A, B, bias, scale = _inputs(5, SHAPES["odd"])
-    y = lowrank_gemm(x, A, B, bias, scale, rank)
+    y = lowrank_gemm_triton(x, A, B, bias, scale, rank)
     smaller = lowrank_gemm_ref(x.double(), A[:, :rank].double(), B[:rank].double(), bias.double(),
                                scale[:rank].double())
     torch.testing.assert_close(y, smaller.float(), atol=1e-5, rtol=1e-5)
@@ -98,7 +98,7 @@ def test_rank_limit_uses_exactly_the_leading_components(rank):
 
 def test_empty_batch():
     x, A, B, bias, _ = _inputs(0, SHAPES["tiny-prime"])
-    assert lowrank_gemm(x, A, B, bias).shape == (0, SHAPES["tiny-prime"][1])
+    assert lowrank_gemm_triton(x, A, B, bias).shape == (0, SHAPES["tiny-prime"][1])
 
 
 @pytest.mark.slow
@@ -106,7 +106,7 @@ def test_real_llama3_8b_down_proj_decode():
     """One production layer at its real size: Llama-3-8B down_proj (14336 -> 4096) at ratio 0.4."""
     shape = (14336, 4096, _ratio_rank(4096, 14336))
     x, A, B, bias, scale = _inputs(1, shape, bias=False)
-    torch.testing.assert_close(lowrank_gemm(x, A, B, None, scale), _expected(x, A, B, None, scale, None),
+    torch.testing.assert_close(lowrank_gemm_triton(x, A, B, None, scale), _expected(x, A, B, None, scale, None),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -130,7 +130,7 @@ def test_kernel_gradients_match_the_reference(rank, trained):
     x, A, B, bias, scale = _inputs(9, SHAPES["smollm2-k"], leading=(2,))
     names = {"x+scale": (0, 4), "factors": (1, 2, 3), "all": (0, 1, 2, 3, 4)}[trained]
     grads = []
-    for op in (lowrank_gemm, lowrank_gemm_ref):
+    for op in (lowrank_gemm_triton, lowrank_gemm_ref):
         inputs = [t.clone().requires_grad_(i in names) for i, t in enumerate((x, A, B, bias, scale))]
         y = op(*inputs, rank)
         (y * torch.linspace(-1, 1, y.shape[-1], device=DEVICE)).sum().backward()
@@ -155,15 +155,15 @@ def test_kernel_gradients_match_the_reference(rank, trained):
 def test_bad_inputs_name_the_problem(build, message):
     x, A, B, _, _ = _inputs(2, SHAPES["tiny-prime"], bias=False, scale=False)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-        lowrank_gemm(*build(x, A, B))
+        lowrank_gemm_triton(*build(x, A, B))
 
 
 def test_bad_rank_and_scale_are_refused():
     x, A, B, bias, scale = _inputs(2, SHAPES["tiny-prime"])
     with pytest.raises(ValueError, match="rank must be in"):
-        lowrank_gemm(x, A, B, bias, scale, rank=A.shape[1] + 1)
+        lowrank_gemm_triton(x, A, B, bias, scale, rank=A.shape[1] + 1)
     with pytest.raises(ValueError, match="scale must be"):
-        lowrank_gemm(x, A, B, bias, scale[:3])
+        lowrank_gemm_triton(x, A, B, bias, scale[:3])
 
 
 def test_dispatch_runs_the_kernel_here():

@@ -6,7 +6,7 @@ from transformers import LlamaConfig
 
 import kernels
 from conftest import save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
-from kernels.paged_attention import paged_attention_ref, paged_decode_attention
+from kernels.paged_attention import paged_attention_ref, paged_decode_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
@@ -27,7 +27,7 @@ def _paged_inputs(lengths, num_heads, num_kv_heads, head_dim, dtype, block_size=
 def test_matches_reference(dtype, atol, rtol, num_heads, num_kv_heads, head_dim, window):
     q, k_cache, v_cache, tables = _paged_inputs(LENGTHS, num_heads, num_kv_heads, head_dim, dtype)
     lens = torch.tensor(LENGTHS, dtype=torch.int32, device=DEVICE)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, window)
+    out = paged_decode_triton(q, k_cache, v_cache, tables, lens, window)
     ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), tables, LENGTHS, (1,) * len(LENGTHS),
                               window)
     assert not out.isnan().any()
@@ -38,7 +38,7 @@ def test_matches_reference(dtype, atol, rtol, num_heads, num_kv_heads, head_dim,
 def test_long_context():
     lengths = (4099, 1, 2048)
     q, k_cache, v_cache, tables = _paged_inputs(lengths, 32, 8, 128, torch.float16)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+    out = paged_decode_triton(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
     ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), tables, lengths, (1, 1, 1))
     torch.testing.assert_close(out, ref.half(), atol=2e-3, rtol=2e-3)
 
@@ -46,12 +46,12 @@ def test_long_context():
 def test_bad_shapes_are_refused():
     q, k_cache, v_cache, tables = _paged_inputs((5,), 4, 2, 24, torch.float32)  # head_dim not a power of two
     with pytest.raises(ValueError, match="power of two"):
-        paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor([5], dtype=torch.int32, device=DEVICE))
+        paged_decode_triton(q, k_cache, v_cache, tables, torch.tensor([5], dtype=torch.int32, device=DEVICE))
 
 
 def test_dispatch_sends_decode_steps_to_the_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "paged_decode_attention", lambda *a: calls.append(a) or torch.zeros(1))
+    monkeypatch.setattr(kernels, "paged_decode_triton", lambda *a: calls.append(a) or torch.zeros(1))
     q, k_cache, v_cache, tables = _paged_inputs((3, 20), 4, 2, 32, torch.float32)
     kernels.paged_attention(q, k_cache, v_cache, tables, (3, 20), (1, 1))
     assert len(calls) == 1
