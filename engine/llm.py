@@ -33,6 +33,7 @@ from .core.scheduler import Scheduler
 from .core.sequence import Sequence
 from .model.loader import load_model, load_tokenizer
 from .outputs import CompletionOutput, RequestOutput, StreamDelta
+from .prompts import check_token_ids, completion_room, render_chat
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -97,16 +98,10 @@ class LLM:
             ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+            check_token_ids(ids, self.vocab_size)
         else:
             raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
-                             f"at most {self.max_model_len - 1} leave room for one new token")
+        completion_room(len(ids), self.max_model_len)
         return ids
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
@@ -194,11 +189,9 @@ class LLM:
         return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, conversation: list[dict]) -> list[int]:
-        if self.tokenizer.chat_template is None:
-            raise ValueError("this model has no chat template: use generate() with a plain prompt")
         if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
             raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = render_chat(self.tokenizer, conversation, "use generate() with a plain prompt")
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:

@@ -30,17 +30,20 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tens
     return gathered[..., :length, :, :]
 
 
-def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """Boolean [..., q, k]: causal, and within the window when there is one."""
     offset = query_pos[..., :, None] - key_pos[None, :]
     mask = offset >= 0
     return mask if sliding_window is None else mask & (offset < sliding_window)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, n, Hq, D], k/v [B, L, Hkv, D], mask [B, n, L] or None (all visible) -> [B, n, Hq, D]."""
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         causal: bool = False) -> torch.Tensor:
+    """q [B, n, Hq, D], k/v [B, L, Hkv, D] -> [B, n, Hq, D] through torch's SDPA, GQA by head groups.
+    `mask` [B or 1, n, L] (True: visible) or None: every key visible, or with `causal` (n == L) the
+    causal pattern, SDPA's fastest path."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=None if mask is None else mask[:, None],
+                                         attn_mask=None if mask is None else mask[:, None], is_causal=causal,
                                          enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
@@ -76,18 +79,18 @@ def paged_attention_ref(
                 k[row, n:], v[row, n:] = 0, 0
             lens = torch.tensor(lengths, device=q.device)
             key_pos = torch.arange(longest, device=q.device)
-            mask = _visible((lens - 1)[:, None], key_pos, sliding_window) & (key_pos < lens[:, None])[:, None]
+            mask = visible((lens - 1)[:, None], key_pos, sliding_window) & (key_pos < lens[:, None])[:, None]
         if every:
-            return _sdpa(q[:, None], k, v, mask)[:, 0]
-        out[rows] = _sdpa(q[rows][:, None], k, v, mask)[:, 0]
+            return sdpa(q[:, None], k, v, mask)[:, 0]
+        out[rows] = sdpa(q[rows][:, None], k, v, mask)[:, 0]
     for i, n in enumerate(query_lens):
         if n == 1:
             continue
         length = context_lens[i]
         k, v = _gather(k_cache, block_tables[i], length), _gather(v_cache, block_tables[i], length)
         key_pos = torch.arange(length, device=q.device)
-        mask = _visible(key_pos[length - n:], key_pos, sliding_window)
-        out[starts[i]:starts[i + 1]] = _sdpa(q[starts[i]:starts[i + 1]][None], k[None], v[None], mask[None])[0]
+        mask = visible(key_pos[length - n:], key_pos, sliding_window)
+        out[starts[i]:starts[i + 1]] = sdpa(q[starts[i]:starts[i + 1]][None], k[None], v[None], mask[None])[0]
     return out
 
 

@@ -172,7 +172,7 @@ def test_n_completions_share_the_prompt(llm):
     ("", None, "prompt is empty"),
     ([], None, "prompt is empty"),
     ([1, 2, 10**9], None, "token ids must be in"),
-    ("x " * 600, None, "max_model_len is 512"),
+    ("x " * 600, None, "maximum context length is 512 tokens"),
     ("hi", "not params", "must be a SamplingParams"),
 ])
 def test_bad_requests_raise_and_the_engine_keeps_serving(llm, prompt, params, message):

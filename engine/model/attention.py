@@ -13,9 +13,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels import device_lens, latent_attention, paged_attention
+from kernels.paged_attention import sdpa, visible
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,24 +105,18 @@ def _sdpa_varlen(
     # batches loop over sequences, which is what the paged engine replaces on the hot path.
     if len(set(seqlens)) == 1:
         n = len(seqlens)
-        out = _sdpa(q.unflatten(0, (n, -1)), k.unflatten(0, (n, -1)), v.unflatten(0, (n, -1)), sliding_window)
+        out = _causal_sdpa(q.unflatten(0, (n, -1)), k.unflatten(0, (n, -1)), v.unflatten(0, (n, -1)), sliding_window)
         return out.flatten(0, 1)
     parts = []
     for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-        parts.append(_sdpa(qs[None], ks[None], vs[None], sliding_window)[0])
+        parts.append(_causal_sdpa(qs[None], ks[None], vs[None], sliding_window)[0])
     return torch.cat(parts)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-    seq_len = q.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]: causal, within the window when set."""
+    seq_len = q.shape[1]
     if sliding_window is None or seq_len <= sliding_window:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        pos = torch.arange(seq_len, device=q.device)
-        offset = pos[:, None] - pos[None, :]  # (L, L): query i minus key j
-        mask = (offset >= 0) & (offset < sliding_window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return out.transpose(1, 2)
+        return sdpa(q, k, v, causal=True)
+    pos = torch.arange(seq_len, device=q.device)
+    return sdpa(q, k, v, visible(pos, pos, sliding_window)[None])

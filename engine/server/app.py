@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.outputs import RequestOutput
+from engine.prompts import PromptError, check_token_ids, completion_room, render_chat
 from engine.sampling_params import SamplingParams, shown
 
 from .async_engine import AsyncEngine, EngineClosed, Event
@@ -65,6 +66,10 @@ def build_app(engine: AsyncEngine, tokenizer, served_model_name: str, max_model_
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(PromptError)
+    async def _bad_prompt(_: Request, exc: PromptError):
+        return APIError(400, str(exc), exc.param).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
@@ -225,19 +230,6 @@ class _Handlers:
                                 f"(--max-sequences-per-request): send fewer prompts or a smaller n",
                            "n" if num_prompts <= self.max_sequences else "prompt")
 
-    def _check_length(self, ids: list[int], max_tokens: int | None, param: str) -> int:
-        """max_tokens to use; a prompt that leaves no room is a 400 quoting both lengths."""
-        if not ids:
-            raise APIError(400, "the prompt is empty: at least one token is needed", param)
-        room = self.max_model_len - len(ids)
-        if max_tokens is None:
-            max_tokens = room
-        if room < 1 or max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                                f"requested {len(ids) + max(max_tokens, 1)} tokens ({len(ids)} in the prompt, "
-                                f"{max(max_tokens, 1)} for the completion). Reduce the prompt or max_tokens.", param)
-        return max_tokens
-
     async def _run(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[tuple[int, Event]]:
         """Events of every prompt's request, interleaved as they come; leaving early aborts them all."""
         merged: asyncio.Queue = asyncio.Queue()
@@ -304,8 +296,8 @@ class _Handlers:
         for p in prompt:  # ids before anything decodes them (the tokenizer overflows past 2**64), text by length
             if isinstance(p, str):
                 self._check_chars(len(p), "prompt")
-            elif bad := [t for t in p if not 0 <= t < self.vocab_size]:
-                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
+            else:
+                check_token_ids(p, self.vocab_size)
 
         def encode(text: str) -> list[int]:
             return self.tokenizer(text)["input_ids"]
@@ -327,7 +319,7 @@ class _Handlers:
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
         given, prompts = await self._completion_prompts(body.prompt, body.n)
-        max_tokens = min(self._check_length(ids, body.max_tokens, "prompt") for ids in prompts)
+        max_tokens = min(completion_room(len(ids), self.max_model_len, body.max_tokens) for ids in prompts)
         texts = [""] * len(prompts)  # the prompts' text, for echo (decoded only then, and only once checked)
         if body.echo:
             texts = await self._on_tokenizer_thread(
@@ -374,16 +366,11 @@ class _Handlers:
 
     # -- /v1/chat/completions -------------------------------------------------------------------
     async def _chat_prompt(self, body: ChatRequest) -> list[int]:
-        if self.tokenizer.chat_template is None:
-            raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
         conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
         self._check_chars(sum(len(m["content"]) for m in conversation), "messages")
 
         def encode() -> list[int]:
-            try:
-                text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # templates raise_exception() on what they refuse (roles out of order, ...)
-                raise APIError(400, f"the model's chat template refuses these messages: {exc}", "messages") from None
+            text = render_chat(self.tokenizer, conversation, "use /v1/completions")
             return encode_bounded(lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"], text,
                                   self.max_model_len, "messages")
 
@@ -400,7 +387,8 @@ class _Handlers:
         self._check_model(body.model)
         self._check_fanout(1, body.n)
         ids = await self._chat_prompt(body)
-        max_tokens = self._check_length(ids, body.max_completion_tokens or body.max_tokens, "messages")
+        max_tokens = completion_room(len(ids), self.max_model_len, body.max_completion_tokens or body.max_tokens,
+                                     "messages")
         params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                                       self.vocab_size)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
