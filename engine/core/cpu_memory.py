@@ -3,9 +3,9 @@
 By default glibc gives every allocation above its mmap threshold (128 KiB, raised only as such
 blocks are freed) pages of its own and returns them on free, so each large activation of a
 prefill (16 prompts x 64 tokens x 1536 floats = 6 MB in SmolLM2's MLP) arrives as fresh pages
-that the kernel faults in and zeroes at first touch. On the 2-core Zen 3 we measure on, a
-batch-16 SmolLM2 prefill took 2.5-3.0 s that way and 1.9-2.1 s with the settings below (its
-element-wise ops ran 4-5x slower than on reused memory). PyTorch's CPU guides reach for jemalloc
+that the kernel faults in and zeroes at first touch: element-wise ops on such memory ran several
+times slower than on reused memory, and a batch-16 SmolLM2 prefill about 1.3x slower as a whole
+(README, "CPU serving"; bench/results/engine-cpu.md). PyTorch's CPU guides reach for jemalloc
 or tcmalloc for the same reason; two mallopt calls get it without a dependency.
 """
 

@@ -1,8 +1,8 @@
 """Paged decode attention on CPU through the native kernel (kernels/cpu/attention.c).
 
 The torch reference (`kernels.paged_attention_ref`) gathers padded copies of every sequence's K
-and V and calls SDPA: ~250 µs per layer for a 16-sequence decode step of SmolLM2. The native
-kernel reads the cache in place through the block tables, ~10x less. It takes float32 caches
+and V and calls SDPA; the native kernel reads the cache in place through the block tables, an
+order of magnitude faster at decode sizes (bench/results/cpu-kernels-cpu.md). It takes float32 caches
 with a head size that is a multiple of the host's vector width (LANES in lowrank_cpu.h) and at
 most MAX_GROUP query heads per KV head, as the library itself answers; anything else (or no C
 compiler) goes to the reference.

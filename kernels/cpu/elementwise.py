@@ -1,5 +1,5 @@
-"""RMSNorm and RoPE on CPU through the native kernels (engine/cpu_elementwise.c): one call each
-instead of torch's 5-6 small ops, ~2 ms of a ~40 ms SmolLM2 decode step at batch 16."""
+"""RMSNorm and RoPE on CPU through the native kernels (kernels/cpu/elementwise.c): one call each
+instead of torch's 5-6 small ops per norm or rotation, 120 of them per SmolLM2 decode step."""
 
 from __future__ import annotations
 

@@ -4,14 +4,12 @@ Two kernels, chosen per weight by `pack`:
 
 - `native` (float32): our C kernel (kernels/cpu/gemm.c, built by `kernels.cpu.build`). It serves a
   factorised layer as one fused call, (x·Bᵀ)·Aᵀ with the rank-r intermediate kept in cache, where
-  oneDNN makes two calls of ~16 µs fixed cost each. On the 2-core AVX2 Zen 3 we measure on
-  (bench/results/cpu-kernels-cpu.md, 4 SmolLM2 layers at 16 rows): factorised at a 0.4
-  compression's ranks 4.67 ms vs 9.75 ms through oneDNN, dense 5.74 ms vs 11.93 ms, and within a
-  few percent of oneDNN at prefill sizes (an AVX-512 EPYC gave 1.85 / 2.93 and 2.69 / 3.59 ms).
+  oneDNN makes two calls with a fixed cost each; at decode sizes it is about twice as fast as
+  oneDNN, and on par at prefill sizes (bench/results/cpu-kernels-cpu.md, bench/bench_cpu_kernels.py).
 - `onednn` (float32 where the native kernel cannot be built; bfloat16 where the CPU has bf16):
   oneDNN's inner product on a weight reordered into its blocked layout
   (`mkldnn._reorder_linear_weight` / `mkldnn._linear_pointwise`, the ops Inductor emits for
-  frozen CPU linears), 1.5-3x faster than `F.linear`'s MKL path at decode sizes.
+  frozen CPU linears), faster than `F.linear`'s MKL path at decode sizes.
 
 The packed weight replaces the dense one, which is dropped, except where something else reads it
 (a tied head's embedding table).
