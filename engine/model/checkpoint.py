@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelFolderError
+from .config import ModelFolderError, read_json_object
 
 MANIFEST = "lowrank.json"
 FORMAT_VERSION = 1
@@ -54,12 +54,7 @@ def read_manifest(path: str | Path) -> dict | None:
     file = Path(path) / MANIFEST
     if not file.is_file():
         return None
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFolderError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise ModelFolderError(f"{file} holds a JSON {type(manifest).__name__}, not an object")
+    manifest = read_json_object(file)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelFolderError(f"{file} has format_version {version!r}; this lowrank-engine reads version "

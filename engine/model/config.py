@@ -32,6 +32,18 @@ class ModelFolderError(ValueError):
     """A path that is not a model folder we can load; the message names what is wrong."""
 
 
+def read_json_object(file: Path) -> dict:
+    """A folder's JSON file that must hold an object (config.json, lowrank.json); anything else is a
+    ModelFolderError naming the file."""
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """'fp16' / 'bfloat16' / torch.float32 ... -> torch.dtype, with a clear error otherwise."""
     if isinstance(dtype, torch.dtype):
@@ -136,12 +148,7 @@ class ModelConfig:
             raise ModelFolderError(f"{path} is not a folder (expected an HF model folder with config.json)")
         if not config_file.is_file():
             raise ModelFolderError(f"{path} is not a model folder: config.json is missing")
-        try:
-            cfg = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFolderError(f"{config_file} is not valid JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise ModelFolderError(f"{config_file} holds a JSON {type(cfg).__name__}, not an object of fields")
+        cfg = read_json_object(config_file)
         for name in _POSITIVE_INT_FIELDS:
             value = cfg.get(name)
             if value is None:
