@@ -117,7 +117,7 @@ def latent_attention(
             q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq) is None:
         lens = device_lens(context_lens, context_lens_tensor, q.device)
         return latent_decode_triton(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,
-                                       lens, sliding_window)
+                                    lens, sliding_window)
     if context_lens is None:
         raise ValueError("the reference latent attention needs context_lens on the host")
     return latent_attention_ref(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, block_tables,

@@ -142,7 +142,7 @@ def test_long_context():
     lengths = (4099, 1, 2048)
     q, ck_cache, cv_cache, weights, tables = _latent_inputs(lengths, 32, 8, 128, 300, 520, True, torch.float16)
     out = latent_decode_triton(q, ck_cache, cv_cache, *weights, tables,
-                                  torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+                               torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
     ref = latent_attention_ref(q.double(), ck_cache.double(), cv_cache.double(), *_double(weights), tables, lengths,
                                (1, 1, 1))
     torch.testing.assert_close(out, ref.half(), atol=2e-3, rtol=2e-3)
@@ -167,14 +167,14 @@ def test_bad_inputs_are_refused(num_heads, num_kv_heads, head_dim, change):
         inv_freq = inv_freq.double()
     with pytest.raises(ValueError, match=rf"got q \({len(q)}, {num_heads}, {head_dim}\), ck_cache"):
         latent_decode_triton(q, ck_cache, cv_cache, k_up, v_up, k_bias, v_bias, inv_freq, tables,
-                                torch.tensor([5], dtype=torch.int32, device=DEVICE))
+                             torch.tensor([5], dtype=torch.int32, device=DEVICE))
 
 
 def test_mixed_dtypes_are_refused():
     q, ck_cache, cv_cache, weights, tables = _latent_inputs((5,), 4, 2, 32, 12, 20, False, torch.float32)
     with pytest.raises(ValueError, match="one dtype"):
         latent_decode_triton(q.half(), ck_cache, cv_cache, *weights, tables,
-                                torch.tensor([5], dtype=torch.int32, device=DEVICE))
+                             torch.tensor([5], dtype=torch.int32, device=DEVICE))
 
 
 def test_dispatch_sends_decode_steps_to_the_kernel(monkeypatch):
