@@ -20,7 +20,7 @@ def _run(*cmd: str) -> str:
         return ""
 
 
-def _cpu() -> str:
+def cpu() -> str:
     """'AMD EPYC, x86_64, AVX2': the model and the widest vector extension (the native kernels' tiles follow it)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -40,7 +40,7 @@ def environment() -> dict[str, str]:
     cuda = torch.cuda.is_available()
     driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if cuda else ""
     return {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({_cpu()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({cpu()}, {torch.get_num_threads()} threads)",
         "driver": driver or "n/a",
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda or "n/a",
         "commit": _run("git", "rev-parse", "--short", "HEAD") + (" (dirty)" if _run("git", "status", "--porcelain", "--untracked-files=no") else ""),

@@ -33,9 +33,10 @@ from converters.compress import CompressConfig, compress_prepared, prepare  # no
 from converters.heal import HealConfig, heal  # noqa: E402
 from converters.pull import pull  # noqa: E402
 from engine import load_model  # noqa: E402
-from engine.model.cpu_serving import to_cpu_serving  # noqa: E402
-from engine.model.checkpoint import read_manifest  # noqa: E402
 from engine.eval.perplexity import load_text, perplexity  # noqa: E402
+from engine.model.checkpoint import read_manifest  # noqa: E402
+from engine.model.cpu_serving import to_cpu_serving  # noqa: E402
+from environment import cpu  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
@@ -65,7 +66,7 @@ class Table:
         return key in self.cells
 
     def save(self, key: str, value: dict) -> None:
-        self.cells[key] = value | {"commit": _commit()}
+        self.cells[key] = value | {"commit": _commit(), "cpu": cpu()}  # cell times depend on the machine
         atomic_write_text(self.store, json.dumps(self.cells, indent=2, sort_keys=True) + "\n")
 
 
@@ -251,9 +252,10 @@ def write_report(results: dict) -> None:
             lines.append(f"| {row} | " + " | ".join(_ppl(c["ppl"], dense) if c else "–" for c in cells) + " |")
     lines += ["", "Cells: achieved ratio, and the CPU time each took on this machine (2-core Zen 3): `prepare` =",
               "load + calibration + factorisation, shared by a method's ratios; `compress` = SoCo training + bake;",
-              "`heal` = healing steps (teacher and student forward, backward, Adam).", "",
-              "| cell | ratio | prepare (s) | compress (s) | heal steps | heal (s) | s/step | final KL | peak RSS (MiB) | commit |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "`heal` = healing steps (teacher and student forward, backward, Adam). The machine changes between",
+              "sessions: cells with no CPU recorded ran on the 2-core AVX2 Zen 3 of the earlier sessions.", "",
+              "| cell | ratio | prepare (s) | compress (s) | heal steps | heal (s) | s/step | final KL | peak RSS (MiB) | CPU | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, cell in sorted(results.items()):
         if "@" not in key or key.startswith("curve"):
             continue
@@ -261,10 +263,11 @@ def write_report(results: dict) -> None:
         per_step = f"{sum(step.values()):.2f}" if step else "–"
         lines.append(f"| {key} | {cell['achieved_ratio']:.4f} | {cell.get('prepare_seconds', '–')} | "
                      f"{cell.get('bake_seconds', '–')} | {cell.get('heal_steps', '–')} | {cell.get('heal_seconds', '–')} | "
-                     f"{per_step} | {cell.get('final_kl', '–')} | {cell.get('peak_rss_mib', '–')} | {cell['commit']} |"
+                     f"{per_step} | {cell.get('final_kl', '–')} | {cell.get('peak_rss_mib', '–')} | {cell.get('cpu', '–')} | "
+                     f"{cell['commit']} |"
                      if "achieved_ratio" in cell else
                      f"| {key} | – | – | – | {cell.get('heal_steps', '–')} | {cell.get('heal_seconds', '–')} (shared) | "
-                     f"– | – | – | {cell['commit']} |")
+                     f"– | – | – | {cell.get('cpu', '–')} | {cell['commit']} |")
     if CURVE in results:
         lines += ["", "Healing curve (soco 0.3, one 400-step run's weights at its checkpoints, mid-schedule):", "",
                   "| steps | " + " | ".join(s for s, _ in results[CURVE]["points"]) + " |",
