@@ -250,7 +250,7 @@ def write_report(results: dict) -> None:
         cells = [results.get(f"{row}@{r}") for r in ratios]
         if any(cells):
             lines.append(f"| {row} | " + " | ".join(_ppl(c["ppl"], dense) if c else "–" for c in cells) + " |")
-    lines += ["", "Cells: achieved ratio, and the CPU time each took on this machine (2-core Zen 3): `prepare` =",
+    lines += ["", "Cells: achieved ratio, and the CPU time each took on the machine named per cell: `prepare` =",
               "load + calibration + factorisation, shared by a method's ratios; `compress` = SoCo training + bake;",
               "`heal` = healing steps (teacher and student forward, backward, Adam). The machine changes between",
               "sessions: cells with no CPU recorded ran on the 2-core AVX2 Zen 3 of the earlier sessions.", "",
