@@ -62,10 +62,10 @@ from tqdm import tqdm
 
 from engine import load_model
 from engine.core.cpu_memory import keep_freed_memory
+from engine.model.checkpoint import open_weights, read_manifest, weight_files
 from engine.model.config import ModelFolderError
 from engine.model.layers import Linear, LowRankLinear, RMSNorm
 from engine.model.llama import CausalLM
-from engine.model.checkpoint import open_weights, read_manifest, weight_files
 from engine.model.loader import load_tokenizer, prefix_ranks, stored_scores
 from kernels import lowrank_gemm
 

@@ -33,13 +33,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import load_model
+from engine.model.checkpoint import FORMAT_VERSION, read_manifest
 from engine.model.layers import Linear, LowRankLinear
 from engine.model.llama import CausalLM
-from engine.model.checkpoint import read_manifest
 from engine.model.loader import load_tokenizer
 from engine.model.rank_budget import dense_rank, lowrank_params
-
-from engine.model.checkpoint import FORMAT_VERSION
 
 from .bake import read_tensors, weights_sha256, write_folder_atomically
 from .calibrate import collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
