@@ -67,6 +67,6 @@ def test_lowrank_gemm(benchmark, contender, layer, m):
     benchmark.extra_info.update(contender=contender, layer=layer, m=m, rank=r, inner=INNER, flops=flops,
                                 bytes=weight_bytes + io_bytes, dtype=str(DTYPE).removeprefix("torch."),
                                 device=torch.cuda.get_device_name() if CUDA else f"cpu, {torch.get_num_threads()} threads",
-                                triton=kernels.uses_triton(x))
+                                triton=kernels.backend_for(x.device).runs_gemm(x))
     with torch.inference_mode():
         benchmark.pedantic(timed(fn), rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1)

@@ -89,6 +89,6 @@ def test_decode_attention(benchmark, contender, shape, batch, context):
     benchmark.extra_info.update(contender=contender, shape=shape, batch=batch, context=context, rank=rank,
                                 inner=INNER, cache_bytes=cache_bytes, dtype=str(DTYPE).removeprefix("torch."),
                                 device=torch.cuda.get_device_name() if CUDA else f"cpu, {torch.get_num_threads()} threads",
-                                triton=kernels.uses_triton(q))
+                                triton=kernels.backend_for(q.device).name == "triton")
     with torch.inference_mode():
         benchmark.pedantic(timed(fn), rounds=20 if CUDA else 3, warmup_rounds=2 if CUDA else 1)

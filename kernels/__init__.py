@@ -5,44 +5,26 @@ Each Triton kernel sits beside its plain-torch reference (`lowrank_gemm.py`, `pa
 kernels that stand in for them on CPUs are under `cpu/`. The dispatchers here keep the plain
 names: `lowrank_gemm` (the engine's `LowRankLinear`, the SoCo and healing trainers),
 `paged_attention` (the engine's attention over its paged KV cache) and `latent_attention` (the
-same over a LoRC latent cache). The backend is chosen once, at import, from `LOWRANK_KERNELS`:
-
-- `auto` (default): Triton for CUDA tensors, and for CPU tensors when `TRITON_INTERPRET=1`
-  (how CI checks the kernels); the torch reference otherwise (CPU, and float64 anywhere).
-- `torch`: the reference everywhere (debugging: rules the kernels out).
-- `triton`: the kernels everywhere; CPU tensors then need `TRITON_INTERPRET=1`.
+same over a LoRC latent cache). What runs where is one `Backend` object per path
+(`kernels.backend`: Triton, the native CPU kernels, or the torch references), chosen from the
+device and `LOWRANK_KERNELS` (read once, at import, into `BACKEND`); `backend_for` gives it.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .interpreter import INTERPRET
+from .backend import BACKEND_ENV, BACKENDS, Backend, backend_name, select
 from .latent_attention import latent_attention_ref, latent_decode_refusal, latent_decode_supported, latent_decode_triton
-from .lowrank_gemm import KERNEL_DTYPES, lowrank_gemm_ref, lowrank_gemm_triton
+from .lowrank_gemm import lowrank_gemm_ref, lowrank_gemm_triton
 from .paged_attention import paged_attention_ref, paged_decode_supported, paged_decode_triton
 
-BACKEND_ENV = "LOWRANK_KERNELS"
-BACKENDS = ("auto", "torch", "triton")
+BACKEND = backend_name()
 
 
-def _backend() -> str:
-    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
-
-
-BACKEND = _backend()
-
-
-def uses_triton(x: torch.Tensor) -> bool:
-    """Whether `lowrank_gemm` runs the Triton kernel for this input."""
-    if BACKEND == "triton":
-        return True
-    return BACKEND == "auto" and x.dtype in KERNEL_DTYPES and (x.is_cuda or INTERPRET)
+def backend_for(device: torch.device | str) -> Backend:
+    """The path the kernels take on `device` under `BACKEND`."""
+    return select(BACKEND, device)
 
 
 def lowrank_gemm(
@@ -54,7 +36,7 @@ def lowrank_gemm(
     rank: int | None = None,
 ) -> torch.Tensor:
     """y = ((x·Bᵀ) ⊙ scale[:rank])·A[:, :rank]ᵀ + bias for x [..., in], B [r, in], A [out, r]."""
-    if uses_triton(x):
+    if backend_for(x.device).runs_gemm(x):
         return lowrank_gemm_triton(x, A, B, bias, scale, rank)
     return lowrank_gemm_ref(x, A, B, bias, scale, rank)
 
@@ -91,7 +73,9 @@ def device_lens(context_lens: tuple[int, ...] | None, context_lens_tensor: torch
 
 def decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor, query_lens: tuple[int, ...]) -> bool:
     """Whether a step with these queries runs the Triton decode kernel (one query per sequence)."""
-    return uses_triton(q) and all(n == 1 for n in query_lens) and paged_decode_supported(q, k_cache)
+    return (all(n == 1 for n in query_lens) and backend_for(q.device).decodes(q.shape[1], k_cache.shape[2], q.shape[2],
+                                                                                  q.dtype)
+            and paged_decode_supported(q, k_cache))
 
 
 def latent_attention(
@@ -126,10 +110,12 @@ def latent_attention(
 
 def latent_decode_kernel_applies(q: torch.Tensor, ck_cache: torch.Tensor, query_lens: tuple[int, ...]) -> bool:
     """Whether a step with these queries runs the Triton latent decode kernel (one query per sequence)."""
-    return uses_triton(q) and all(n == 1 for n in query_lens) and latent_decode_supported(q, ck_cache)
+    return (all(n == 1 for n in query_lens) and q.dim() == 3
+            # head groups and the value rank are checked against the weights (latent_decode_refusal)
+            and backend_for(q.device).decodes(q.shape[1], 1, q.shape[2], q.dtype, value_rank=0)
+            and latent_decode_supported(q, ck_cache))
 
 
-__all__ = ["BACKEND", "BACKEND_ENV", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
+__all__ = ["BACKEND", "BACKEND_ENV", "BACKENDS", "Backend", "backend_for", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
            "paged_attention_ref", "paged_decode_triton", "decode_kernel_applies", "latent_attention",
-           "latent_attention_ref", "latent_decode_triton", "latent_decode_kernel_applies", "device_lens",
-           "uses_triton"]
+           "latent_attention_ref", "latent_decode_triton", "latent_decode_kernel_applies", "device_lens"]

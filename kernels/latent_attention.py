@@ -200,12 +200,17 @@ def _latent_decode_kernel(
 MAX_RANK_V = 1024  # acc [GROUP_PAD, r_v] stays whole in registers: larger value latents go to the reference
 
 
+def latent_decode_takes(head_dim: int) -> bool:
+    """Head sizes the kernel takes: a power of two >= 32 (RoPE halves of at least 16)."""
+    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
+
+
 def latent_decode_supported(q: torch.Tensor, ck_cache: torch.Tensor, k_up: torch.Tensor | None = None,
                             rank_v: int = 0) -> bool:
-    """Shapes the kernel takes: power-of-two head_dim >= 32 (halves >= 16), contiguous cache, whole head
-    groups, value rank up to MAX_RANK_V."""
+    """Inputs the kernel takes: a head size it takes, contiguous cache, whole head groups, value rank
+    up to MAX_RANK_V."""
     head_dim = q.shape[-1]
-    ok = (q.dim() == 3 and head_dim >= 32 and head_dim & (head_dim - 1) == 0 and q.stride(-1) == 1
+    ok = (q.dim() == 3 and latent_decode_takes(head_dim) and q.stride(-1) == 1
           and ck_cache.dim() == 3 and ck_cache.is_contiguous() and rank_v <= MAX_RANK_V)
     if ok and k_up is not None:
         ok = (k_up.dim() == 2 and k_up.shape[0] >= head_dim and k_up.shape[0] % head_dim == 0

@@ -154,11 +154,15 @@ def _paged_decode_kernel(
              out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
 
 
+def paged_decode_takes(head_dim: int) -> bool:
+    """Head sizes the kernel takes: a power of two >= 16 (its tiles)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Shapes the kernel takes: power-of-two head_dim >= 16, contiguous cache, whole head groups."""
-    head_dim = q.shape[-1]
-    return (head_dim >= 16 and head_dim & (head_dim - 1) == 0 and k_cache.is_contiguous()
-            and q.shape[1] % k_cache.shape[2] == 0 and q.stride(-1) == 1)
+    """Inputs the kernel takes: a head size it takes, contiguous cache, whole head groups."""
+    return (paged_decode_takes(q.shape[-1]) and k_cache.is_contiguous() and q.shape[1] % k_cache.shape[2] == 0
+            and q.stride(-1) == 1)
 
 
 def paged_decode_triton(

@@ -1,4 +1,4 @@
-"""Shared fixtures. TRITON_INTERPRET must be set before triton is imported anywhere."""
+"""Shared fixtures. TRITON_INTERPRET and LOWRANK_KERNELS must be set before `kernels` is imported anywhere."""
 
 import math
 import os
@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch  # does not import triton
 
-# No GPU: run the Triton kernels in the CPU interpreter, so CI checks them. With one, compile them.
+# No GPU: run the Triton kernels in the CPU interpreter, so CI checks them; the interpreter alone
+# does not choose them (kernels.backend), LOWRANK_KERNELS=triton does. With a GPU, compile them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("LOWRANK_KERNELS", "triton")
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MODEL = "smollm2-135m"
@@ -21,15 +23,16 @@ def _seed():
 
 
 @pytest.fixture
-def torch_kernels(monkeypatch):
-    """Route `kernels.lowrank_gemm` to the torch reference for a test whose subject is not the kernel.
+def cpu_kernels(monkeypatch):
+    """The default path (`auto`) for a test whose subject is not the Triton kernels: on CPU the
+    native kernels serve the engine and `kernels.lowrank_gemm` (the trainers') is the torch reference.
 
     Under the interpreter a kernel launch costs tens of milliseconds; long training runs and the
     real model would take minutes. The kernels' own tests (and one SoCo step) keep CI honest.
     """
     import kernels
 
-    monkeypatch.setattr(kernels, "BACKEND", "torch")
+    monkeypatch.setattr(kernels, "BACKEND", "auto")
 
 
 def save_tiny_model(config, folder: Path) -> torch.nn.Module:

@@ -39,7 +39,7 @@ class Server:
     def __init__(self, folder: Path, log: Path, *args: str, startup_s: float = 60.0):
         self.port, self.log = _free_port(), log
         # One thread (CI has two cores); torch kernels, as the HTTP side, not Triton, is under test here.
-        env = os.environ | {"OMP_NUM_THREADS": "1", "LOWRANK_KERNELS": "torch"}
+        env = os.environ | {"OMP_NUM_THREADS": "1", "LOWRANK_KERNELS": "auto"}
         env.pop("TRITON_INTERPRET", None)
         cmd = [sys.executable, "-m", "converters.cli", "serve", str(folder), "--host", "127.0.0.1",
                "--port", str(self.port), "--device", "cpu", *args]

@@ -18,14 +18,14 @@ LONG = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """The torch kernels (not Triton's interpreter): the subject is the engine loop, which must step fast."""
+    """The default CPU path (not Triton's interpreter): the subject is the engine loop, which must step fast."""
     import kernels
 
     folder = tmp_path_factory.mktemp("tiny")
     save_tiny_model(TINY, folder)
     save_tiny_tokenizer(folder, TINY.vocab_size)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "BACKEND", "torch")
+        mp.setattr(kernels, "BACKEND", "auto")
         e = AsyncEngine(LLM(folder, device="cpu", kv_cache_memory=8 << 20))
         e.start()
         yield e
@@ -135,7 +135,7 @@ def test_requests_to_an_engine_whose_thread_died_fail_at_once(tmp_path):
     save_tiny_model(TINY, tmp_path)
     save_tiny_tokenizer(tmp_path, TINY.vocab_size)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "BACKEND", "torch")
+        mp.setattr(kernels, "BACKEND", "auto")
         e = AsyncEngine(LLM(tmp_path, device="cpu", kv_cache_memory=4 << 20))
 
     def broken_drain(block: bool) -> None:

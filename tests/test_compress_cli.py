@@ -20,7 +20,7 @@ def calib_text(tmp_path_factory):
     return path
 
 
-def test_compress_soco_end_to_end_on_the_real_model(real_model_dir, calib_text, tmp_path, capsys, torch_kernels):
+def test_compress_soco_end_to_end_on_the_real_model(real_model_dir, calib_text, tmp_path, capsys, cpu_kernels):
     out = tmp_path / "soco"
     args = ["compress", str(real_model_dir), "--ratio", "0.3", "--method", "soco", "--calib", str(calib_text),
             "--samples", "4", "--seq-len", "64", "--steps", "6", "--out", str(out)]

@@ -168,7 +168,7 @@ def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tmp_path
         torch.testing.assert_close(pool, saved, equal_nan=True, atol=0, rtol=0)
 
 
-def test_the_engine_decodes_through_the_native_layers(tmp_path, torch_kernels):
+def test_the_engine_decodes_through_the_native_layers(tmp_path, cpu_kernels):
     save_tiny_model(CONFIGS["llama-gqa"], tmp_path)
     save_tiny_tokenizer(tmp_path, VOCAB)
     llm = LLM(tmp_path, dtype=torch.float32, device="cpu", kv_cache_memory=1 << 22)

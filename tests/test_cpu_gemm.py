@@ -179,7 +179,7 @@ def _is_packed(llm: LLM) -> bool:
     return isinstance(llm.model.model.layers[0].mlp.down_proj, PackedLinear)
 
 
-def test_engine_packs_on_cpu_unless_the_kernels_are_the_subject(tmp_path, torch_kernels):
+def test_engine_packs_on_cpu_unless_the_kernels_are_the_subject(tmp_path, cpu_kernels):
     save_tiny_model(TINY["llama-tied"], tmp_path)
     save_tiny_tokenizer(tmp_path, 97)
     assert _is_packed(LLM(tmp_path, dtype=torch.float32, device="cpu", kv_cache_memory=1 << 20))

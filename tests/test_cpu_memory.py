@@ -33,7 +33,7 @@ def test_a_freed_large_tensor_is_reused_without_fresh_pages():
 
 
 @glibc
-def test_the_engine_sets_it_up_on_cpu(tmp_path, torch_kernels):
+def test_the_engine_sets_it_up_on_cpu(tmp_path, cpu_kernels):
     from transformers import LlamaConfig
 
     from conftest import save_tiny_model, save_tiny_tokenizer

@@ -8,7 +8,7 @@ from engine import LLM, SamplingParams
 
 # The subject here is the engine, not the kernels (tests/test_paged_decode.py runs the engine on
 # them): interpreted Triton would make each real-model decode step take seconds.
-pytestmark = pytest.mark.usefixtures("torch_kernels")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 PROMPTS = [
     "def fibonacci(n):",

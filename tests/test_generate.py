@@ -49,6 +49,6 @@ def test_bad_input_is_refused(tiny, prompt, kw, message):
         next(stream_tokens(ours, prompt, **({"max_new_tokens": 4} | kw)))
 
 
-def test_generate_cli_chat_reply_on_the_real_model(real_model_dir, capsys, torch_kernels):
+def test_generate_cli_chat_reply_on_the_real_model(real_model_dir, capsys, cpu_kernels):
     assert main(["generate", str(real_model_dir), "--chat", "--max-tokens", "12", "What is the capital of France?"]) == 0
     assert "Paris" in capsys.readouterr().out

@@ -103,7 +103,7 @@ def test_full_rank_latents_give_the_dense_logits(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_engine_on_latents_equals_the_reference_decoding(tmp_path, name, torch_kernels):
+def test_engine_on_latents_equals_the_reference_decoding(tmp_path, name, cpu_kernels):
     _, src, text = _folder(tmp_path, name)
     lorc(src, tmp_path / "out", _config(text, 0.5))
     reference = load_model(tmp_path / "out", device="cpu")
@@ -114,7 +114,7 @@ def test_engine_on_latents_equals_the_reference_decoding(tmp_path, name, torch_k
         assert out.token_ids == list(stream_tokens(reference, prompt, 12))
 
 
-def test_latent_cache_fits_more_blocks_and_survives_preemption_and_prefix_hits(tmp_path, torch_kernels):
+def test_latent_cache_fits_more_blocks_and_survives_preemption_and_prefix_hits(tmp_path, cpu_kernels):
     _, src, text = _folder(tmp_path)
     lorc(src, tmp_path / "out", _config(text, 0.5, "uniform"))
     dense = load_model(src, device="cpu")
@@ -138,7 +138,7 @@ def test_latent_cache_fits_more_blocks_and_survives_preemption_and_prefix_hits(t
     assert (first.token_ids, sharer.token_ids) == (roomy[0].token_ids, roomy[4].token_ids)
 
 
-def test_on_top_of_a_compressed_folder(tmp_path, torch_kernels):
+def test_on_top_of_a_compressed_folder(tmp_path, cpu_kernels):
     _, src, text = _folder(tmp_path)
     weights = tmp_path / "svd-llm"
     compress(src, weights, CompressConfig(ratio=0.3, method="svd-llm", calib=str(text), samples=8, seq_len=64))
@@ -163,7 +163,7 @@ def test_on_top_of_a_compressed_folder(tmp_path, torch_kernels):
         assert smaller.get_submodule(k).rank == r_k and smaller.get_submodule(v).rank == r_v  # latents stay
 
 
-def test_cli_kv_ratio_alone_and_with_ratio(tmp_path, capsys, torch_kernels):
+def test_cli_kv_ratio_alone_and_with_ratio(tmp_path, capsys, cpu_kernels):
     _, src, text = _folder(tmp_path)
     common = ["--calib", str(text), "--samples", "8", "--seq-len", "64"]
     assert main(["compress", str(src), "--kv-ratio", "0.5", "--kv-schedule", "uniform", "--out",
@@ -208,7 +208,7 @@ def test_engine_decodes_through_the_latent_kernel(tmp_path, monkeypatch):
             assert entry[token] == pytest.approx(logits[len(prompt) - 1 + i, token].item(), abs=1e-4)
 
 
-def test_server_reports_the_latent_cache_in_metrics(tmp_path, spawn, torch_kernels):
+def test_server_reports_the_latent_cache_in_metrics(tmp_path, spawn, cpu_kernels):
     import openai
 
     _, src, text = _folder(tmp_path)

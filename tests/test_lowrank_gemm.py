@@ -168,28 +168,35 @@ def test_bad_rank_and_scale_are_refused():
 
 def test_dispatch_runs_the_kernel_here():
     """CI interprets Triton on CPU, so the engine's calls reach the kernel, not the reference."""
-    assert kernels.BACKEND == "auto"
-    assert kernels.uses_triton(torch.ones(1, device=DEVICE))
-    assert not kernels.uses_triton(torch.ones(1, dtype=torch.float64))  # no float64 kernel: the reference
+    backend = kernels.backend_for(DEVICE)
+    assert backend.name == "triton"
+    assert backend.runs_gemm(torch.ones(1, device=DEVICE))
+    assert not backend.runs_gemm(torch.ones(1, dtype=torch.float64))  # no float64 kernel: the reference
 
 
 def _backend_in_fresh_process(env_value: str, interpret: str = "0") -> subprocess.CompletedProcess:
-    code = "import torch, kernels; print(kernels.BACKEND, kernels.uses_triton(torch.ones(1)))"
+    code = ("import torch, kernels; b = kernels.backend_for('cpu'); "
+            "print(kernels.BACKEND, b.name, b.runs_gemm(torch.ones(1)), b.cpu_serving)")
     env = os.environ | {"LOWRANK_KERNELS": env_value, "TRITON_INTERPRET": interpret}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1])
 
 
 @pytest.mark.parametrize("value, interpret, expected", [
-    ("auto", "0", "auto False"),  # CPU without the interpreter: the torch reference
-    ("auto", "1", "auto True"),
-    ("torch", "1", "torch False"),  # the debugging override wins over the interpreter
-    ("triton", "1", "triton True"),
+    ("auto", "0", "auto native False True"),  # CPU: the native kernels serve, the trainers' GEMM is the reference
+    ("auto", "1", "auto native False True"),  # the interpreter alone does not choose the Triton path
+    ("torch", "1", "torch torch False False"),  # the debugging override: plain modules, no kernel at all
+    ("triton", "1", "triton triton True False"),
 ])
 def test_backend_is_chosen_once_from_the_environment(value, interpret, expected):
     result = _backend_in_fresh_process(value, interpret)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
+    result = _backend_in_fresh_process("triton", "0")
+    assert result.returncode != 0 and "LOWRANK_KERNELS=triton on cpu needs TRITON_INTERPRET=1" in result.stderr
 
 
 def test_unknown_backend_is_a_clear_error():

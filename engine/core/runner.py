@@ -12,7 +12,7 @@ import torch
 from engine.model.attention import AttentionContext
 from engine.model.cpu_serving import to_cpu_serving
 from engine.model.llama import CausalLM
-from kernels import decode_kernel_applies, latent_decode_kernel_applies, uses_triton
+from kernels import backend_for
 
 from .cpu_memory import keep_freed_memory
 from .cuda_graphs import DecodeGraphs
@@ -26,25 +26,27 @@ class ModelRunner:
                  max_blocks_per_seq: int, cuda_graphs: bool = True):
         self.model, self.block_size, self.sampler = model, block_size, sampler
         self.device = model.device
-        probe = model.model.embed_tokens.weight[:1]
+        # The kernel path, asked once: what the model is swapped into, and whether graphs can capture its steps.
+        self.backend = backend_for(self.device)
         if self.device.type == "cpu":
             keep_freed_memory()  # large activations from reused heap memory, not fresh pages (engine.core.cpu_memory)
-        if self.device.type == "cpu" and not uses_triton(probe):
-            to_cpu_serving(model)  # the native CPU kernels; under TRITON_INTERPRET the Triton kernels stay the subject
+            if self.backend.cpu_serving:
+                to_cpu_serving(model)
         # One block more than the block manager hands out: padded graph rows write there.
         self.kv_cache = allocate_kv_cache(model, num_blocks + 1, block_size)
         self.scratch_block = num_blocks
         self.max_num_seqs, self.max_blocks_per_seq = max_num_seqs, max_blocks_per_seq
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda" and self._decode_runs_the_kernel():
+        if cuda_graphs and self.device.type == "cuda" and self._graphs_capture():
             self.graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, block_size, num_blocks, capture=True)
 
-    def _decode_runs_the_kernel(self) -> bool:
-        """Graphs need the decode step free of host syncs: true when it runs the Triton decode kernel."""
+    def _graphs_capture(self) -> bool:
+        """Graphs need every layer's decode step free of host syncs: the backend's decode kernels."""
         c = self.model.config
-        probe = torch.empty(1, c.num_heads, c.head_dim, dtype=self.kv_cache[0][0].dtype, device=self.device)
-        applies = latent_decode_kernel_applies if self.model.model.layers[0].self_attn.latent else decode_kernel_applies
-        return applies(probe, self.kv_cache[0][0], (1,))
+        value_ranks = [cache[1].shape[-1] if layer.self_attn.latent else None
+                       for layer, cache in zip(self.model.model.layers, self.kv_cache)]
+        return self.backend.graphs_capture(c.num_heads, c.num_kv_heads, c.head_dim, self.kv_cache[0][0].dtype,
+                                           value_ranks)
 
     def use_static_decode(self) -> None:
         """Run decode steps through the graph path's static buffers without capturing (CPU tests)."""

@@ -2,8 +2,8 @@
 
 Sequences are packed without padding (q/k/v are [total_tokens, heads, head_dim]) and delimited
 by `cu_seqlens` [batch+1], as flash-attn's varlen API takes them. flash-attn is used when it is
-installed and the tensors are on CUDA (imported lazily, chosen once); otherwise torch's
-scaled_dot_product_attention, which runs everywhere. Queries that read the engine's paged KV
+installed, the tensors are on CUDA and the kernel path allows it (`kernels.backend`; imported
+lazily, once); otherwise torch's scaled_dot_product_attention, which runs everywhere. Queries that read the engine's paged KV
 cache go through `cached_attention` instead (`latent_cached_attention` when it holds LoRC latents).
 """
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import device_lens, latent_attention, paged_attention
+from kernels import backend_for, device_lens, latent_attention, paged_attention
+from kernels.backend import FLASH_DTYPES
 from kernels.paged_attention import sdpa, visible
 
 
@@ -42,13 +43,21 @@ class AttentionContext:
 
 
 @functools.cache
-def _flash_attn(name: str):
-    """flash-attn's `name` function, or None when flash-attn is not installed (checked once)."""
+def _flash_attn_module():
+    """flash-attn, or None when it is not installed (checked once)."""
     try:
         import flash_attn
     except ImportError:
         return None
-    return getattr(flash_attn, name, None)
+    return flash_attn
+
+
+def _flash(name: str, q: torch.Tensor):
+    """flash-attn's `name` function where the kernel path has it for these queries (CUDA fp16/bf16), else None."""
+    backend = backend_for(q.device)
+    if not (backend.flash and q.is_cuda and q.dtype in FLASH_DTYPES):
+        return None
+    return getattr(_flash_attn_module(), name, None)
 
 
 FLASH_PAGE_MULTIPLE = 256  # flash-attn's paged KV cache takes pages of a multiple of 256 tokens
@@ -62,7 +71,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `kernels.paged_attention` (the Triton decode kernel or the torch reference). The CPU serving
     form's attention (`engine.model.cpu_serving`) takes decode steps to the native kernel first.
     """
-    flash = _flash_attn("flash_attn_with_kvcache") if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    flash = _flash("flash_attn_with_kvcache", q)
     decoding = ctx.max_seqlen == 1
     if flash is not None and decoding and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
         lens = device_lens(ctx.context_lens, ctx.context_lens_tensor, q.device)
@@ -89,7 +98,7 @@ def causal_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]. GQA by head groups; token i of a sequence sees
     tokens j <= i of the same sequence with i - j < sliding_window (when set)."""
-    flash = _flash_attn("flash_attn_varlen_func") if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    flash = _flash("flash_attn_varlen_func", q)
     if flash is not None:
         window = (sliding_window - 1, 0) if sliding_window else (-1, -1)
         return flash(

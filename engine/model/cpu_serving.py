@@ -7,7 +7,8 @@ native CPU kernels (kernels/cpu), as the loader swaps in `LowRankLinear` and gpt
   a factorised layer is one fused call. A tied head gets a `PackedLinear` over a copy of the
   embedding table, which stays for lookups.
 - `RMSNorm` -> `NativeRMSNorm`, `RoPE` -> `NativeRoPE`: one native call each (float32).
-- `Attention` -> `NativeAttention`: decode steps over the paged cache through the native kernel.
+- `Attention` -> `NativeAttention`: decode steps over the paged cache through the native kernel,
+  where it takes the layer's heads (`kernels.backend.NATIVE`).
 - `DecoderLayer` -> `NativeDecoderLayer`: a layer's whole decode step as one native call, where
   the kernel takes the layer (`kernels.cpu.decoder_layer`).
 
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from kernels import device_lens
-from kernels.cpu.attention import native_decode_applies, native_paged_decode
+from kernels.backend import NATIVE
+from kernels.cpu.attention import native_paged_decode
 from kernels.cpu.decoder_layer import LayerDescription, decode_layer, describe_layer, describe_linear
 from kernels.cpu.elementwise import native_elementwise_available, rms_norm, rope
 from kernels.cpu.gemm import PackedWeight, can_pack, pack, packed_linear, packed_lowrank
@@ -102,8 +104,13 @@ def _same_state(cls: type[nn.Module], module: nn.Module) -> nn.Module:
 class NativeAttention(Attention):
     """`Attention` whose decode steps over the paged cache run the native kernel (`kernels.cpu.attention`)."""
 
+    @staticmethod
+    def takes(attn: Attention, dtype: torch.dtype) -> bool:
+        """Whether the kernel takes this layer's decode steps (asked once, at the swap)."""
+        return not attn.latent and NATIVE.decodes(attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype)
+
     def _cached_attention(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        if ctx.max_seqlen == 1 and native_decode_applies(q, *self.kv_cache):
+        if ctx.max_seqlen == 1:
             lens = device_lens(ctx.context_lens, ctx.context_lens_tensor, q.device)
             return native_paged_decode(q, *self.kv_cache, ctx.block_tables, lens, self.sliding_window)
         return super()._cached_attention(q, ctx)
@@ -171,6 +178,7 @@ def to_cpu_serving(model: CausalLM) -> bool:
     if not native_elementwise_available(embed.dtype):
         return True
     _swap(model, lambda m: NativeRMSNorm(m) if isinstance(m, RMSNorm) else NativeRoPE() if isinstance(m, RoPE)
-          else _same_state(NativeAttention, m) if isinstance(m, Attention) and not m.latent else None)
+          else _same_state(NativeAttention, m) if isinstance(m, Attention) and NativeAttention.takes(m, embed.dtype)
+          else None)
     _swap(model, lambda m: NativeDecoderLayer.build(m) if isinstance(m, DecoderLayer) else None)
     return True

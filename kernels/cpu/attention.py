@@ -10,6 +10,7 @@ compiler) goes to the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,7 +21,13 @@ from kernels.cpu import build as cpu_native
 def heads_supported(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether the native kernel takes these head counts and head size (the library answers)."""
     lib = cpu_native.library()
-    return lib is not None and bool(lib.lowrank_cpu_paged_decode_supports(num_heads, num_kv_heads, head_dim))
+    return lib is not None and _library_supports(lib, num_heads, num_kv_heads, head_dim)
+
+
+@functools.cache
+def _library_supports(lib, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """One ctypes call per library and shape, not one per decode step."""
+    return bool(lib.lowrank_cpu_paged_decode_supports(num_heads, num_kv_heads, head_dim))
 
 
 def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
