@@ -26,15 +26,14 @@ BATCHES = [1, 16, 64]
 ROUNDS = 5  # the median of 5: this VM moves a contender by +-10 % between runs
 
 
-@pytest.fixture(scope="module")
-def dense_dir() -> Path:
+def dense_folder() -> Path:
     from converters.pull import pull
 
     return pull("smollm2-135m", REPO / "models")
 
 
-@pytest.fixture(scope="module")
-def soco_dir(dense_dir) -> Path:
+def soco_folder(dense: Path) -> Path:
+    """bench/quality.py's SoCo 0.4 folder where it exists, else a quick conversion (made once)."""
     folder = REPO / "models" / "quality" / "soco-0.4"
     if not (folder / "lowrank.json").is_file():
         folder = REPO / "models" / "bench-soco-0.4"
@@ -42,9 +41,19 @@ def soco_dir(dense_dir) -> Path:
             from converters.compress import CompressConfig, compress
 
             calib = REPO.parent / "shared" / "corpus" / "pydocs" / "train.txt"
-            compress(dense_dir, folder, CompressConfig(ratio=0.4, method="soco", calib=str(calib), samples=16,
-                                                       seq_len=256, steps=40))
+            compress(dense, folder, CompressConfig(ratio=0.4, method="soco", calib=str(calib), samples=16,
+                                                   seq_len=256, steps=40))
     return folder
+
+
+@pytest.fixture(scope="module")
+def dense_dir() -> Path:
+    return dense_folder()
+
+
+@pytest.fixture(scope="module")
+def soco_dir(dense_dir) -> Path:
+    return soco_folder(dense_dir)
 
 
 def _prompts(batch: int) -> list[list[int]]:
