@@ -467,7 +467,7 @@ def test_a_temperature_below_float32s_reach_samples_greedily(busy_server):
 
 def test_a_long_prompt_is_refused_after_encoding_only_its_head():
     """Long-context models let the character bound through megabytes: the probe encodes only the head."""
-    from engine.server.app import PROBE_CHARS_PER_TOKEN, encode_bounded
+    from engine.server.handlers import PROBE_CHARS_PER_TOKEN, encode_bounded
     from engine.server.protocol import APIError
 
     seen: list[int] = []
