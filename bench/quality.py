@@ -18,6 +18,7 @@ Writes quality.md and quality.png beside the JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -192,6 +193,7 @@ def main() -> None:
     args = parser.parse_args()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    _commit()
     table = Table(RESULTS / "quality.json")
     if not args.report_only:
         from transformers import AutoTokenizer
@@ -221,7 +223,9 @@ def _ppl(ppl: float, dense: float) -> str:
     return f"{ppl:.3f} ({ppl / dense:.2f}×)" if ppl < 1e4 else f"{ppl:.1e}"
 
 
+@functools.cache
 def _commit() -> str:
+    """The commit this process started from (read once: commits made while a cell runs are not its code)."""
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
 
 
