@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,11 @@ print(json.dumps(out))
 
 
 def run_once(checkout: Path, folders: dict[str, str]) -> dict[str, float]:
+    # The default path on both sides: an older checkout picked Triton under TRITON_INTERPRET=1.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LOWRANK_KERNELS")}
     result = subprocess.run([sys.executable, "-c", CHILD, str(checkout.resolve()), json.dumps(folders),
                              json.dumps(BATCHES)],
-                            capture_output=True, text=True, cwd=checkout, check=True)
+                            capture_output=True, text=True, cwd=checkout, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

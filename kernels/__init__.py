@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import BACKEND_ENV, BACKENDS, Backend, backend_name, select
+from .backend import BACKEND_ENV, BACKENDS, TRITON, Backend, backend_name, select
 from .latent_attention import latent_attention_ref, latent_decode_refusal, latent_decode_supported, latent_decode_triton
 from .lowrank_gemm import lowrank_gemm_ref, lowrank_gemm_triton
 from .paged_attention import paged_attention_ref, paged_decode_supported, paged_decode_triton
@@ -73,9 +73,9 @@ def device_lens(context_lens: tuple[int, ...] | None, context_lens_tensor: torch
 
 def decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor, query_lens: tuple[int, ...]) -> bool:
     """Whether a step with these queries runs the Triton decode kernel (one query per sequence)."""
-    return (all(n == 1 for n in query_lens) and backend_for(q.device).decodes(q.shape[1], k_cache.shape[2], q.shape[2],
-                                                                                  q.dtype)
-            and paged_decode_supported(q, k_cache))
+    backend = backend_for(q.device)
+    return (backend is TRITON and all(n == 1 for n in query_lens)
+            and backend.decodes(q.shape[1], k_cache.shape[2], q.shape[2], q.dtype) and paged_decode_supported(q, k_cache))
 
 
 def latent_attention(
@@ -110,9 +110,10 @@ def latent_attention(
 
 def latent_decode_kernel_applies(q: torch.Tensor, ck_cache: torch.Tensor, query_lens: tuple[int, ...]) -> bool:
     """Whether a step with these queries runs the Triton latent decode kernel (one query per sequence)."""
-    return (all(n == 1 for n in query_lens) and q.dim() == 3
+    backend = backend_for(q.device)
+    return (backend is TRITON and all(n == 1 for n in query_lens) and q.dim() == 3
             # head groups and the value rank are checked against the weights (latent_decode_refusal)
-            and backend_for(q.device).decodes(q.shape[1], 1, q.shape[2], q.dtype, value_rank=0)
+            and backend.decodes(q.shape[1], 1, q.shape[2], q.dtype, value_rank=0)
             and latent_decode_supported(q, ck_cache))
 
 

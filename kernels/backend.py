@@ -24,11 +24,12 @@ import torch
 
 from .interpreter import INTERPRET
 from .latent_attention import MAX_RANK_V, latent_decode_takes
+from .lowrank_gemm import KERNEL_DTYPES
 from .paged_attention import paged_decode_takes
 
 BACKEND_ENV = "LOWRANK_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
-TRITON_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
+TRITON_DTYPES = frozenset(KERNEL_DTYPES)
 FLASH_DTYPES = frozenset((torch.float16, torch.bfloat16))
 
 

@@ -9,16 +9,14 @@ import torch
 from transformers import LlamaConfig
 
 import kernels
-from conftest import save_tiny_model, save_tiny_tokenizer
+from conftest import dense_attention_ref, interpreted, save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
 from engine.model.attention import AttentionContext
 from engine.model.config import ModelConfig
 from engine.model.cpu_serving import NativeAttention, to_cpu_serving
 from engine.model.llama import Attention, CausalLM
 from kernels.backend import MAX_RANK_V, NATIVE, TORCH, TRITON, select
 from kernels.cpu import build as cpu_native
-from kernels.interpreter import INTERPRET
 
-interpreted = pytest.mark.skipif(not INTERPRET, reason="the Triton path on CPU needs TRITON_INTERPRET=1")
 native_built = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None
                                   or os.environ.get(cpu_native.DISABLE_ENV) == "0", reason="no native CPU kernels")
 
@@ -75,9 +73,39 @@ def test_native_heads_are_the_librarys_answer():
     assert NATIVE.decodes(6, 2, 64, torch.float32) and not NATIVE.decodes(2, 2, 24, torch.float32)
 
 
+def _decode_step(lengths, heads, kv_heads, head_dim):
+    """A decode step over a shuffled paged cache: (q, caches, tables, ctx, the float64 answer)."""
+    (k_cache, v_cache), tables = shuffled_paged_pools(lengths, [(kv_heads, head_dim)] * 2, "cpu")
+    q = torch.randn(len(lengths), heads, head_dim)
+    ks = [k_cache[tables[i].long()].flatten(0, 1)[:n] for i, n in enumerate(lengths)]
+    vs = [v_cache[tables[i].long()].flatten(0, 1)[:n] for i, n in enumerate(lengths)]
+    ctx = AttentionContext(cu_seqlens=torch.arange(len(lengths) + 1, dtype=torch.int32), seqlens=(1,) * len(lengths),
+                           max_seqlen=1, block_tables=tables, context_lens=tuple(lengths), reads_cache=True)
+    return q, (k_cache, v_cache), tables, ctx, dense_attention_ref(q, ks, vs, (1,) * len(lengths), None)
+
+
+def _no_triton(*args):
+    raise AssertionError("a CPU step on the auto path reached a Triton launcher")
+
+
+@pytest.mark.parametrize("head_dim", [64, 24])  # one the native kernel takes, one it refuses
+def test_the_auto_path_never_launches_triton_on_cpu(monkeypatch, head_dim):
+    """`kernels.paged_attention` called directly (no serving form) on CPU under auto: the reference."""
+    monkeypatch.setattr(kernels, "BACKEND", "auto")
+    monkeypatch.setattr(kernels, "paged_decode_triton", _no_triton)
+    monkeypatch.setattr(kernels, "latent_decode_triton", _no_triton)
+    q, (k_cache, v_cache), tables, ctx, want = _decode_step([5, 40, 18], 6, 2, head_dim)
+    assert not kernels.decode_kernel_applies(q, k_cache, (1, 1, 1))
+    got = kernels.paged_attention(q, k_cache, v_cache, tables, ctx.context_lens, (1, 1, 1))
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    assert not kernels.latent_decode_kernel_applies(q, k_cache[..., 0, :], (1, 1, 1))
+
+
 @native_built
 def test_heads_the_native_kernel_refuses_keep_the_plain_attention(monkeypatch):
-    """Decided at the swap: such a layer's decode steps go to the torch reference, every step."""
+    """Decided at the swap: such a layer's decode steps run the torch reference, every step."""
+    monkeypatch.setattr(kernels, "BACKEND", "auto")
+    monkeypatch.setattr(kernels, "paged_decode_triton", _no_triton)
     config = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 16, "hidden_size": 48,
                                     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                                     "num_key_value_heads": 2})  # head_dim 24
@@ -85,13 +113,8 @@ def test_heads_the_native_kernel_refuses_keep_the_plain_attention(monkeypatch):
     assert to_cpu_serving(model)
     attention = model.model.layers[0].self_attn
     assert type(attention) is Attention and not isinstance(attention, NativeAttention)
-    calls = []
-    monkeypatch.setattr("engine.model.attention.paged_attention", lambda *a: calls.append(a) or torch.zeros(1))
-    attention.kv_cache = (torch.zeros(2, 16, 2, 24), torch.zeros(2, 16, 2, 24))
-    ctx = AttentionContext(cu_seqlens=torch.arange(2, dtype=torch.int32), seqlens=(1,), max_seqlen=1,
-                           block_tables=torch.zeros(1, 1, dtype=torch.int32), context_lens=(3,), reads_cache=True)
-    attention._cached_attention(torch.randn(1, 2, 24), ctx)
-    assert len(calls) == 1
+    q, attention.kv_cache, _, ctx, want = _decode_step([3, 17], 2, 2, 24)
+    torch.testing.assert_close(attention._cached_attention(q, ctx).double(), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("name, packed", [("auto", True), ("torch", False),
@@ -105,5 +128,5 @@ def test_the_engine_asks_once_at_load(tmp_path, monkeypatch, name, packed):
                                 num_attention_heads=4, num_key_value_heads=2), tmp_path)
     save_tiny_tokenizer(tmp_path, 97)
     llm = LLM(tmp_path, dtype="float32", device="cpu", kv_cache_memory=1 << 20)
-    assert llm.runner.backend is select(name, "cpu")
+    assert llm.runner.backend.name == {"auto": "native", "torch": "torch", "triton": "triton"}[name]
     assert isinstance(llm.model.model.layers[0].mlp.down_proj, PackedLinear) is packed

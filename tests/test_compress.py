@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, Qwen2Config
 
 import kernels
-from conftest import save_tiny_model
+from conftest import interpreted, save_tiny_model
 from converters import bake as bake_module
 from converters.bake import bake
 from converters.calibrate import collect_grams, decoder_linears, gram_key
@@ -123,6 +123,7 @@ def test_short_soco_run_lowers_its_loss_and_reaches_the_ratio(tmp_path, cpu_kern
     assert final["kl"] < peak  # the distillation loss recovers from its worst point
 
 
+@interpreted
 def test_soco_score_gradients_through_the_kernel_match_the_reference(tmp_path, monkeypatch):
     """The student trains on the Triton kernel where there is one: same gradients as the torch path."""
     save_tiny_model(CONFIGS["qwen2"], tmp_path / "dense")  # biased q/k/v

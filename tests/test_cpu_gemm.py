@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from conftest import save_tiny_model, save_tiny_tokenizer
+from conftest import interpreted, save_tiny_model, save_tiny_tokenizer
 from engine import LLM, load_model
 from engine.model.cpu_serving import NativeRMSNorm, NativeRoPE, PackedLinear, PackedLowRankLinear, to_cpu_serving
 from engine.model.layers import Linear, LowRankLinear
@@ -185,10 +185,11 @@ def test_engine_packs_on_cpu_unless_the_kernels_are_the_subject(tmp_path, cpu_ke
     assert _is_packed(LLM(tmp_path, dtype=torch.float32, device="cpu", kv_cache_memory=1 << 20))
 
 
+@interpreted
 def test_engine_under_the_triton_interpreter_keeps_plain_weights(tmp_path, monkeypatch):
     import kernels
 
-    monkeypatch.setattr(kernels, "BACKEND", "triton")  # what CI's TRITON_INTERPRET=1 gives every fp32 tensor
+    monkeypatch.setattr(kernels, "BACKEND", "triton")  # CI's LOWRANK_KERNELS=triton, under the interpreter
     save_tiny_model(TINY["llama-tied"], tmp_path)
     save_tiny_tokenizer(tmp_path, 97)
     assert not _is_packed(LLM(tmp_path, dtype=torch.float32, device="cpu", kv_cache_memory=1 << 20))

@@ -8,7 +8,7 @@ import torch
 from server_harness import spawn  # noqa: F401 (a fixture)
 from transformers import LlamaConfig, Qwen2Config
 
-from conftest import save_tiny_model, save_tiny_tokenizer
+from conftest import interpreted, save_tiny_model, save_tiny_tokenizer
 from converters.cli import main
 from converters.compress import CompressConfig, compress
 from converters.factorize import Factors
@@ -180,6 +180,7 @@ def test_cli_kv_ratio_alone_and_with_ratio(tmp_path, capsys, cpu_kernels):
     assert "kv_ratio must be in (0, 1)" in capsys.readouterr().err
 
 
+@interpreted
 def test_engine_decodes_through_the_latent_kernel(tmp_path, monkeypatch):
     import kernels
 
@@ -226,6 +227,7 @@ def test_server_reports_the_latent_cache_in_metrics(tmp_path, spawn, cpu_kernels
     assert reply.usage.completion_tokens == 5
 
 
+@interpreted
 def test_static_decode_path_on_latents_gives_the_same_tokens(tmp_path, monkeypatch):
     """The CUDA-graph path's static buffers (device lengths only, padded rows) over a latent cache."""
     import kernels
