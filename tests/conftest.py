@@ -2,6 +2,7 @@
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,13 +55,13 @@ def save_tiny_model(config, folder: Path) -> torch.nn.Module:
 
 
 def save_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer ("t0 t1 ..." <-> ids) beside a tiny model, so the engine can load it offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A word-level tokenizer ("t0 t1 ..." <-> ids, eos t1) beside a tiny model, so the engine can load it
+    offline: bench/synthetic.py's, which the benchmarks' random real-shaped models use too."""
+    if str(REPO / "bench") not in sys.path:
+        sys.path.append(str(REPO / "bench"))  # appended: bench's modules never shadow an installed one
+    from synthetic import write_tokenizer
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", unk_token="t0").save_pretrained(folder)
+    write_tokenizer(folder, vocab_size, eos_id=1, bos_id=None)
 
 
 @pytest.fixture(scope="session")
