@@ -1,16 +1,24 @@
-"""Generation throughput: our engine (dense and SoCo 0.4) vs transformers `generate`, same run.
+"""Generation throughput: our engine (dense and compressed) vs transformers `generate`, same run.
 
 Run: `.venv/bin/python -m pytest bench/bench_engine.py --benchmark-enable --benchmark-json=engine.json`,
 then `.venv/bin/python bench/engine_report.py engine.json` (`bench/gpu.sh` does both on a GPU).
 
 Fixed shapes so the contenders do the same work: PROMPT_LEN-token prompts (equal lengths, so
 transformers needs no padding), exactly NEW_TOKENS new tokens each (greedy, EOS ignored), batch
-1, 16 and 64. The compressed model is models/quality/soco-0.4 when `bench/quality.py` made it,
-else a quick SoCo 0.4 conversion (its speed depends on its ranks, not on how long it trained).
+1, 16 and 64. Two sets of models:
+- default: the real SmolLM2-135M and its SoCo 0.4 compression (models/quality/soco-0.4 when
+  `bench/quality.py` made it, else a quick conversion: its speed depends on its ranks, not on
+  how long it trained);
+- `BENCH_SYNTHETIC=DIR` (with `BENCH_SHAPE`, default llama3-8b): `bench/synthetic.py`'s random
+  real-shaped folders under DIR, dense, factorised at 0.4 and with LoRC latents at kv 0.5
+  (made there when missing): what a GPU machine without the real weights times.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +32,10 @@ DTYPE = torch.float16 if CUDA else torch.float32
 PROMPT_LEN, NEW_TOKENS = 64, 64
 BATCHES = [1, 16, 64]
 ROUNDS = 5  # the median of 5: this VM moves a contender by +-10 % between runs
+SYNTHETIC = os.environ.get("BENCH_SYNTHETIC")
+SHAPE = os.environ.get("BENCH_SHAPE", "llama3-8b")
+OURS = ["ours-dense", "ours-r0.4", "ours-r0.4-kv0.5"] if SYNTHETIC else ["ours-dense", "ours-soco-0.4"]
+KV_CACHE_BYTES = 4 << 30  # per engine, several in one process: the default (90 % of free GPU memory) would not share
 
 
 def dense_folder() -> Path:
@@ -46,35 +58,45 @@ def soco_folder(dense: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def dense_dir() -> Path:
-    return dense_folder()
-
-
-@pytest.fixture(scope="module")
-def soco_dir(dense_dir) -> Path:
-    return soco_folder(dense_dir)
-
-
-def _prompts(batch: int) -> list[list[int]]:
+def _prompts(batch: int, vocab_size: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(batch)
-    return torch.randint(100, 40000, (batch, PROMPT_LEN), generator=gen).tolist()
+    high = min(40000, vocab_size)
+    return torch.randint(min(100, high // 2), high, (batch, PROMPT_LEN), generator=gen).tolist()
+
+
+def synthetic_folders() -> dict[str, Path]:
+    """Contender -> folder of `bench/synthetic.py`'s models of SHAPE under BENCH_SYNTHETIC."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from synthetic import build
+
+    out = Path(SYNTHETIC)
+    return {"ours-dense": build(SHAPE, out, DTYPE), "ours-r0.4": build(SHAPE, out, DTYPE, ratio=0.4),
+            "ours-r0.4-kv0.5": build(SHAPE, out, DTYPE, ratio=0.4, kv_ratio=0.5)}
 
 
 @pytest.fixture(scope="module")
-def engines(dense_dir, soco_dir):
+def folders() -> dict[str, Path]:
+    if SYNTHETIC:
+        return synthetic_folders()
+    dense = dense_folder()
+    return {"ours-dense": dense, "ours-soco-0.4": soco_folder(dense)}
+
+
+@pytest.fixture(scope="module")
+def engines(folders):
     from engine import LLM
 
     settings = dict(dtype=DTYPE, device=DEVICE, max_model_len=PROMPT_LEN + NEW_TOKENS + 16, max_num_seqs=max(BATCHES),
-                    max_num_batched_tokens=max(BATCHES) * PROMPT_LEN, enable_prefix_caching=False)
-    return {"ours-dense": LLM(dense_dir, **settings), "ours-soco-0.4": LLM(soco_dir, **settings)}
+                    max_num_batched_tokens=max(BATCHES) * PROMPT_LEN, enable_prefix_caching=False,
+                    kv_cache_memory=KV_CACHE_BYTES if CUDA else None)
+    return {name: LLM(folder, **settings) for name, folder in folders.items()}
 
 
 @pytest.fixture(scope="module")
-def hf_model(dense_dir):
+def hf_model(folders):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(dense_dir, dtype=DTYPE).to(DEVICE).eval()
+    return AutoModelForCausalLM.from_pretrained(folders["ours-dense"], dtype=DTYPE).to(DEVICE).eval()
 
 
 def _sync() -> None:
@@ -83,11 +105,12 @@ def _sync() -> None:
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("contender", ["ours-dense", "ours-soco-0.4", "hf-dense"])
+@pytest.mark.parametrize("contender", [*OURS, "hf-dense"])
 def test_generate(benchmark, request, contender, batch):
     from engine import SamplingParams
 
-    prompts = _prompts(batch)
+    prompts = _prompts(batch, json.loads((request.getfixturevalue("folders")["ours-dense"] / "config.json").read_text())
+                       ["vocab_size"])
     if contender == "hf-dense":
         model = request.getfixturevalue("hf_model")
         ids = torch.tensor(prompts, device=DEVICE)
@@ -115,6 +138,7 @@ def test_generate(benchmark, request, contender, batch):
     ttft = sorted(ttfts)[len(ttfts) // 2]
     benchmark.group = f"batch {batch}"
     benchmark.extra_info.update(contender=contender, batch=batch, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+                                model=f"synthetic {SHAPE}" if SYNTHETIC else "smollm2-135m",
                                 ttft_s=ttft, device=torch.cuda.get_device_name() if CUDA else
                                 f"cpu, {torch.get_num_threads()} threads", dtype=str(DTYPE).removeprefix("torch."))
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=0)
