@@ -88,8 +88,13 @@ def report(folder: Path) -> tuple[list[str], dict]:
             continue
         if name == "engine.json":
             lines += [engine_report.description(benchmarks[0]["extra_info"]), ""]
-        if name == "kernels.json" and ceilings:
-            lines += [f"Decode GB/s against the measured copy: {ceilings['copy_GBps']} GB/s.", ""]
+        if name == "kernels.json":
+            copy = ceilings.get("copy_GBps")
+            if copy:
+                lines += [f"`of copy`: decode GB/s (M <= {kernels_report.DECODE_ROWS}) over the measured copy, "
+                          f"{copy} GB/s.", ""]
+            lines += [*kernels_report.table(benchmarks, copy), ""]
+            continue
         lines += [*table(benchmarks), ""]
     return lines, env
 
