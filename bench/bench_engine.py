@@ -16,10 +16,13 @@ transformers needs no padding), exactly NEW_TOKENS new tokens each (greedy, EOS 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,8 @@ ROUNDS = 5  # the median of 5: this VM moves a contender by +-10 % between runs
 SYNTHETIC = os.environ.get("BENCH_SYNTHETIC")
 SHAPE = os.environ.get("BENCH_SHAPE", "llama3-8b")
 OURS = ["ours-dense", "ours-r0.4", "ours-r0.4-kv0.5"] if SYNTHETIC else ["ours-dense", "ours-soco-0.4"]
+# bench/gpu.sh on a machine whose disk holds the 8B shape's folders only one compressed one at a time
+DISPOSABLE = SYNTHETIC is not None and os.environ.get("BENCH_SYNTHETIC_DISPOSABLE") == "1"
 KV_CACHE_BYTES = 4 << 30  # per engine, several in one process: the default (90 % of free GPU memory) would not share
 
 
@@ -64,22 +69,30 @@ def _prompts(batch: int, vocab_size: int) -> list[list[int]]:
     return torch.randint(min(100, high // 2), high, (batch, PROMPT_LEN), generator=gen).tolist()
 
 
-def synthetic_folders() -> dict[str, Path]:
-    """Contender -> folder of `bench/synthetic.py`'s models of SHAPE under BENCH_SYNTHETIC."""
+VARIANTS = {"ours-dense": {}, "ours-r0.4": {"ratio": 0.4}, "ours-r0.4-kv0.5": {"ratio": 0.4, "kv_ratio": 0.5}}
+
+
+def synthetic_folder(name: str) -> Path:
+    """Contender `name`'s folder of `bench/synthetic.py`'s SHAPE under BENCH_SYNTHETIC (made when missing,
+    drawn on DEVICE)."""
     sys.path.insert(0, str(REPO / "bench"))
     from synthetic import build
 
-    out = Path(SYNTHETIC)
-    return {"ours-dense": build(SHAPE, out, DTYPE), "ours-r0.4": build(SHAPE, out, DTYPE, ratio=0.4),
-            "ours-r0.4-kv0.5": build(SHAPE, out, DTYPE, ratio=0.4, kv_ratio=0.5)}
+    return build(SHAPE, Path(SYNTHETIC), DTYPE, device=DEVICE, **VARIANTS[name])
 
 
 @pytest.fixture(scope="module")
-def folders() -> dict[str, Path]:
+def folders() -> dict[str, Callable[[], Path]]:
+    """Contender -> how to get its folder; called one at a time, so disposable folders never coexist."""
     if SYNTHETIC:
-        return synthetic_folders()
-    dense = dense_folder()
-    return {"ours-dense": dense, "ours-soco-0.4": soco_folder(dense)}
+        return {name: functools.partial(synthetic_folder, name) for name in VARIANTS}
+    dense = functools.cache(dense_folder)
+    return {"ours-dense": dense, "ours-soco-0.4": lambda: soco_folder(dense())}
+
+
+@pytest.fixture(scope="module")
+def dense_config(folders) -> dict:
+    return json.loads((folders["ours-dense"]() / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +102,20 @@ def engines(folders):
     settings = dict(dtype=DTYPE, device=DEVICE, max_model_len=PROMPT_LEN + NEW_TOKENS + 16, max_num_seqs=max(BATCHES),
                     max_num_batched_tokens=max(BATCHES) * PROMPT_LEN, enable_prefix_caching=False,
                     kv_cache_memory=KV_CACHE_BYTES if CUDA else None)
-    return {name: LLM(folder, **settings) for name, folder in folders.items()}
+    engines = {}
+    for name, folder_of in folders.items():
+        folder = folder_of()
+        engines[name] = LLM(folder, **settings)
+        if DISPOSABLE and name != "ours-dense":  # loaded: its disk (or /dev/shm) space goes to the next one
+            shutil.rmtree(folder)
+    return engines
 
 
 @pytest.fixture(scope="module")
 def hf_model(folders):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folders["ours-dense"], dtype=DTYPE).to(DEVICE).eval()
+    return AutoModelForCausalLM.from_pretrained(folders["ours-dense"](), dtype=DTYPE).to(DEVICE).eval()
 
 
 def _sync() -> None:
@@ -109,8 +128,7 @@ def _sync() -> None:
 def test_generate(benchmark, request, contender, batch):
     from engine import SamplingParams
 
-    prompts = _prompts(batch, json.loads((request.getfixturevalue("folders")["ours-dense"] / "config.json").read_text())
-                       ["vocab_size"])
+    prompts = _prompts(batch, request.getfixturevalue("dense_config")["vocab_size"])
     if contender == "hf-dense":
         model = request.getfixturevalue("hf_model")
         ids = torch.tensor(prompts, device=DEVICE)

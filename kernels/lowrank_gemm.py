@@ -14,9 +14,12 @@ plain-torch reference and CPU path.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .interpreter import INTERPRET
 
@@ -26,11 +29,23 @@ PROGRAMS_PER_SM = 2
 SPLIT_ALIGN = 256  # every split but the last covers a multiple of the largest BLOCK_K
 
 
+# LOWRANK_AUTOTUNE=0: the pinned config on a GPU too (correctness runs: bench/gpu.sh's tests
+# stage would spend minutes tuning ~150 shapes it only checks).
+AUTOTUNE = os.environ.get("LOWRANK_AUTOTUNE", "1").strip() != "0"
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 20  # per config and shape: Triton's defaults (25, 100) cost ~0.13 s each
+
+
 def _configs(pinned: dict, tuned: list[tuple[dict, int, int]]) -> list[triton.Config]:
-    """One pinned config under the interpreter (autotune needs a GPU driver), the sweep on a GPU."""
-    if INTERPRET:
+    """One pinned config under the interpreter (autotune needs a GPU driver) or with autotuning
+    off, the sweep on a GPU."""
+    if INTERPRET or not AUTOTUNE:
         return [triton.Config(pinned, num_warps=4, num_stages=1)]
     return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in tuned]
+
+
+def _quick_bench(kernel_call, quantiles):
+    """Autotuning's timing of one config: shorter than Triton's default, enough to rank 8 configs."""
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
 
 
 def _prune_rows(configs, named_args, **kwargs):
@@ -51,7 +66,8 @@ EXPAND_CONFIGS = _configs(
 )
 
 
-@triton.autotune(SHRINK_CONFIGS, key=["M_BUCKET", "R", "K", "SPLITS"], prune_configs_by={"early_config_prune": _prune_rows})
+@triton.autotune(SHRINK_CONFIGS, key=["M_BUCKET", "R", "K", "SPLITS"], prune_configs_by={"early_config_prune": _prune_rows},
+                 do_bench=_quick_bench)
 @triton.jit
 def _shrink_kernel(
     x_ptr, w_ptr, s_ptr, t_ptr,
@@ -86,7 +102,8 @@ def _shrink_kernel(
     tl.store(t_ptrs, acc, mask=(offs_m < M)[:, None] & (offs_r < R)[None, :])
 
 
-@triton.autotune(EXPAND_CONFIGS, key=["M_BUCKET", "N", "R", "SPLITS"], prune_configs_by={"early_config_prune": _prune_rows})
+@triton.autotune(EXPAND_CONFIGS, key=["M_BUCKET", "N", "R", "SPLITS"], prune_configs_by={"early_config_prune": _prune_rows},
+                 do_bench=_quick_bench)
 @triton.jit
 def _expand_kernel(
     t_ptr, a_ptr, bias_ptr, y_ptr,

@@ -49,3 +49,18 @@ def test_the_report_says_what_is_missing(tmp_path):
     text = report.read_text()
     assert "| tests | 124 | 150.0 | 150 | yes |" in text and "No tests.xml" in text
     assert text.count("No figures") == 3
+
+
+def test_a_stage_cut_by_its_budget_still_writes_what_finished(tmp_path):
+    """SIGTERM from `timeout` ends pytest like Ctrl-C (bench/pytest_sigterm.py): the JUnit XML of the
+    tests that ran is still written."""
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                                           "def test_hangs():\n    time.sleep(60)\n")
+    env = os.environ | {"PYTHONPATH": str(REPO / "bench")}
+    xml = tmp_path / "out.xml"
+    result = subprocess.run(["timeout", "--kill-after=20", "8", sys.executable, "-m", "pytest", "-q",
+                             "-p", "pytest_sigterm", "-p", "no:cacheprovider", "-o", "addopts=",
+                             f"--junitxml={xml}", str(tmp_path / "test_slow.py")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 124, result.stdout + result.stderr  # timed out, ended by the plugin's interrupt
+    assert xml.is_file() and 'name="test_fast"' in xml.read_text()
