@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from converters.atomic import atomic_folder  # noqa: E402
+from converters.calibrate import decoder_linears  # noqa: E402
 from engine.model.checkpoint import FORMAT_VERSION, MANIFEST, read_manifest  # noqa: E402
 from engine.model.config import ModelConfig  # noqa: E402
 from engine.model.llama import CausalLM  # noqa: E402
@@ -66,21 +67,20 @@ SHAPES = {  # the configs of the real models (their published config.json), minu
 }
 
 
-def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """Every decoder linear's (out, in), from the engine's own model built on the meta device."""
+def _meta_model(config: dict) -> CausalLM:
+    """The engine's own model for `config`, with no storage: its names and shapes are the truth."""
     with torch.device("meta"):
-        model = CausalLM(ModelConfig.from_dict(config))
-    return {f"model.layers.{i}.{group}.{leaf}": tuple(getattr(getattr(layer, group), leaf).weight.shape)
-            for i, layer in enumerate(model.model.layers)
-            for group, leaves in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                  ("mlp", ("gate_proj", "up_proj", "down_proj")))
-            for leaf in leaves}
+        return CausalLM(ModelConfig.from_dict(config))
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """Every decoder linear's (out, in)."""
+    model = _meta_model(config)
+    return {name: tuple(model.get_submodule(name).weight.shape) for name in decoder_linears(model)}
 
 
 def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = CausalLM(ModelConfig.from_dict(config))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return {name: tuple(p.shape) for name, p in _meta_model(config).named_parameters()}
 
 
 def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:

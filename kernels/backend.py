@@ -18,6 +18,7 @@ kernel reaches it; inputs it does not take (a prefill chunk, float64) go to the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class Backend:
     name: str
     gemm_dtypes: frozenset[torch.dtype]  # `kernels.lowrank_gemm` runs the Triton kernel for these
     decode_dtypes: frozenset[torch.dtype]  # decode steps over the paged cache run a kernel for these
+    takes_heads: Callable[[int, int, int], bool]  # (heads, kv heads, head size) its paged decode kernel takes
     latent_decode: bool  # a decode kernel over a LoRC latent cache
     flash: bool  # flash-attn, where installed, for CUDA fp16/bf16 attention
     cpu_serving: bool  # the model runs in its CPU serving form (`engine.model.cpu_serving`)
@@ -64,11 +66,7 @@ class Backend:
             return False
         if value_rank is not None:
             return self.latent_decode and value_rank <= MAX_RANK_V and latent_decode_takes(head_dim)
-        if self.name == "native":
-            from .cpu.attention import heads_supported  # ctypes: only the CPU path loads the library
-
-            return heads_supported(num_heads, num_kv_heads, head_dim)
-        return paged_decode_takes(head_dim)
+        return self.takes_heads(num_heads, num_kv_heads, head_dim)
 
     def graphs_capture(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        value_ranks: list[int | None]) -> bool:
@@ -77,14 +75,20 @@ class Backend:
         return self.graph_safe and all(self.decodes(num_heads, num_kv_heads, head_dim, dtype, r) for r in value_ranks)
 
 
-TRITON = Backend("triton", TRITON_DTYPES, TRITON_DTYPES, latent_decode=True, flash=True, cpu_serving=False,
-                 graph_safe=True)
+def _native_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    from .cpu.attention import heads_supported  # ctypes: only the CPU path loads the library
+
+    return heads_supported(num_heads, num_kv_heads, head_dim)
+
+
+TRITON = Backend("triton", TRITON_DTYPES, TRITON_DTYPES, lambda h, kv, d: paged_decode_takes(d), latent_decode=True,
+                 flash=True, cpu_serving=False, graph_safe=True)
 # The native CPU kernels: packed GEMMs and float32 paged decode, reached through the CPU serving
 # form's modules; `kernels.lowrank_gemm` (the trainers' GEMM, which needs a backward) is the reference.
-NATIVE = Backend("native", frozenset(), frozenset((torch.float32,)), latent_decode=False, flash=False,
-                 cpu_serving=True, graph_safe=False)
-TORCH = Backend("torch", frozenset(), frozenset(), latent_decode=False, flash=False, cpu_serving=False,
-                graph_safe=False)
+NATIVE = Backend("native", frozenset(), frozenset((torch.float32,)), _native_heads, latent_decode=False,
+                 flash=False, cpu_serving=True, graph_safe=False)
+TORCH = Backend("torch", frozenset(), frozenset(), lambda h, kv, d: False, latent_decode=False, flash=False,
+                cpu_serving=False, graph_safe=False)
 
 
 def select(name: str, device: torch.device | str) -> Backend:

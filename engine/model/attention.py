@@ -2,9 +2,10 @@
 
 Sequences are packed without padding (q/k/v are [total_tokens, heads, head_dim]) and delimited
 by `cu_seqlens` [batch+1], as flash-attn's varlen API takes them. flash-attn is used when it is
-installed, the tensors are on CUDA and the kernel path allows it (`kernels.backend`; imported
-lazily, once); otherwise torch's scaled_dot_product_attention, which runs everywhere. Queries that read the engine's paged KV
-cache go through `cached_attention` instead (`latent_cached_attention` when it holds LoRC latents).
+installed, the tensors are on CUDA and the kernel path allows it (`kernels.backend`;
+imported lazily, once); otherwise torch's scaled_dot_product_attention, which runs everywhere.
+Queries that read the engine's paged KV cache go through `cached_attention` instead
+(`latent_cached_attention` when it holds LoRC latents).
 """
 
 from __future__ import annotations
