@@ -1,0 +1,118 @@
+"""Weight-only group quantisation: the stored format and its plain-torch reference.
+
+Every quantised weight W [out, in] (a dense linear, a factor A [out, r] or B [r, in]) keeps one
+scale per group of `group` consecutive input channels, so a group never straddles two output rows
+and a rank prefix stays valid: B's first r' rows are B's rows, and A's first r' columns are its
+first ⌈r'/group⌉ groups, the last one possibly cut (its scale still applies to the columns kept).
+For the same reason the last group of a row may be short: factor ranks are whatever bake chose,
+not multiples of the group.
+
+Both formats are symmetric, as llama.cpp's Q8_0 and Q4_0 are (no zero point: weights are centred,
+and a zero point costs a multiply-add per group in the kernel for little gain at these groups):
+- int8: q = round(w / d) in [-127, 127], d = max|w| / 127 per group.
+- int4: q in [-8, 7], d = −(the group's value of largest magnitude) / 8, so that value maps to −8
+  exactly and the 16 levels are all used (Q4_0's trick); two values per byte along the input
+  dimension, the even column in the low nibble, stored as q + 8 in uint8.
+Scales are float32 here (the serving dtype is the kernel's concern); an all-zero group gets d = 0
+and dequantises to zeros.
+
+The kernels (native CPU and Triton) are tested against `dequantize` in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (8, 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Quantized:
+    """One quantised weight: `q` (int8 [out, in], or uint8 [out, ⌈in/2⌉] packed for int4) and
+    `scales` float32 [out, ⌈in/group⌉]; `cols` is the unpacked input width."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group: int
+    cols: int
+
+
+def _check(bits: int, group: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    if not isinstance(group, int) or group < 2 or group % 2:
+        raise ValueError(f"group must be an even integer >= 2, got {group!r}")
+
+
+def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[out, in] → [out, ⌈in/group⌉, group], the short last group padded with zeros."""
+    out, cols = w.shape
+    pad = -cols % group
+    return torch.nn.functional.pad(w, (0, pad)).view(out, -1, group)
+
+
+def quantize(w: torch.Tensor, bits: int, group: int) -> Quantized:
+    """Round-to-nearest group quantisation of a 2-D weight (computed in float64)."""
+    _check(bits, group)
+    if w.dim() != 2:
+        raise ValueError(f"quantize takes a 2-D weight, got shape {tuple(w.shape)}")
+    out, cols = w.shape
+    g = _grouped(w.detach().to(torch.float64), group)
+    if bits == 8:
+        d = g.abs().amax(dim=-1) / 127
+        lo, hi = -127, 127
+    else:
+        idx = g.abs().argmax(dim=-1, keepdim=True)
+        d = -g.gather(-1, idx).squeeze(-1) / 8
+        lo, hi = -8, 7
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.round(g * inv.unsqueeze(-1)).clamp_(lo, hi).view(out, -1)[:, :cols].to(torch.int8)
+    if bits == 4:
+        q = _pack4(q)
+    return Quantized(q.contiguous(), d.to(torch.float32).contiguous(), bits, group, cols)
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [out, ⌈cols/2⌉] → int8 [out, cols] in [-8, 7]."""
+    lo = (packed & 0xF).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).view(packed.shape[0], -1)[:, :cols]
+
+
+def levels(qw: Quantized) -> torch.Tensor:
+    """The integer levels, int8 [out, cols], whatever the packing."""
+    return unpack4(qw.q, qw.cols) if qw.bits == 4 else qw.q
+
+
+def dequantize(qw: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight the kernels must reproduce: levels × their group's scale."""
+    q = levels(qw).to(dtype)
+    d = qw.scales.to(dtype).repeat_interleave(qw.group, dim=1)[:, : qw.cols]
+    return q * d
+
+
+def column_prefix(qw: Quantized, cols: int) -> Quantized:
+    """The first `cols` input channels (A's rank prefix), without requantising."""
+    if not 0 < cols <= qw.cols:
+        raise ValueError(f"column prefix must be in [1, {qw.cols}], got {cols}")
+    q = levels(qw)[:, :cols]
+    if qw.bits == 4:
+        q = _pack4(q)
+    return Quantized(q.contiguous(), qw.scales[:, : -(-cols // qw.group)].contiguous(), qw.bits, qw.group, cols)
+
+
+def row_prefix(qw: Quantized, rows: int) -> Quantized:
+    """The first `rows` output channels (B's rank prefix)."""
+    if not 0 < rows <= qw.q.shape[0]:
+        raise ValueError(f"row prefix must be in [1, {qw.q.shape[0]}], got {rows}")
+    return Quantized(qw.q[:rows].contiguous(), qw.scales[:rows].contiguous(), qw.bits, qw.group, qw.cols)
