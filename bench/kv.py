@@ -25,9 +25,9 @@ sys.path.insert(0, str(REPO))
 from environment import environment  # noqa: E402
 from quality import held_out_ppl  # noqa: E402
 
+from converters.calibrate import tokenize_file  # noqa: E402
 from converters.lorc import LoRCConfig, latent_ranks, prepare_kv, write_latent_folder  # noqa: E402
 from converters.pull import pull  # noqa: E402
-from engine.eval.perplexity import load_text  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
@@ -50,7 +50,7 @@ def main() -> None:
     store = RESULTS / "kv.json"
     results = json.loads(store.read_text()) if store.exists() else {"cells": {}}
     tokenizer = AutoTokenizer.from_pretrained(BASES["dense"]())
-    valid = tokenizer(load_text(CORPUS / "valid.txt"), add_special_tokens=False, verbose=False)["input_ids"]
+    valid = tokenize_file(tokenizer, CORPUS / "valid.txt")
 
     def save() -> None:
         results["environment"] = environment()

@@ -30,11 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from converters.atomic import atomic_write_text  # noqa: E402
+from converters.calibrate import tokenize_file  # noqa: E402
 from converters.compress import CompressConfig, compress_prepared, prepare  # noqa: E402
 from converters.heal import HealConfig, heal  # noqa: E402
 from converters.pull import pull  # noqa: E402
 from engine import load_model  # noqa: E402
-from engine.eval.perplexity import load_text, perplexity  # noqa: E402
+from engine.eval.perplexity import perplexity  # noqa: E402
 from engine.model.checkpoint import read_manifest  # noqa: E402
 from engine.model.cpu_serving import to_cpu_serving  # noqa: E402
 from environment import cpu  # noqa: E402
@@ -200,7 +201,7 @@ def main() -> None:
 
         model_dir = pull("smollm2-135m", REPO / "models")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        valid = tokenizer(load_text(CORPUS / "valid.txt"), add_special_tokens=False, verbose=False)["input_ids"]
+        valid = tokenize_file(tokenizer, CORPUS / "valid.txt")
         if "dense" not in table:
             table.save("dense", {"ppl": held_out_ppl(model_dir, valid)})
         runner = Runner(args, table, model_dir, valid)

@@ -19,11 +19,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from converters.calibrate import decoder_linears, tokenize_file  # noqa: E402
 from converters.pull import pull  # noqa: E402
 from engine import load_model  # noqa: E402
-from engine.eval.perplexity import load_text, perplexity  # noqa: E402
+from engine.eval.perplexity import perplexity  # noqa: E402
 from engine.model.cpu_serving import to_cpu_serving  # noqa: E402
-from engine.model.layers import Linear  # noqa: E402
 from environment import cpu  # noqa: E402
 from kernels.quant import dequantize, quantize  # noqa: E402
 
@@ -33,12 +33,11 @@ CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
 
 def round_trip(model: torch.nn.Module, bits: int, group: int) -> int:
     """Replace every decoder Linear's weight by dequantize(quantize(w)); returns the count."""
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and ".layers." in f".{name}":
-            module.weight.data = dequantize(quantize(module.weight.data, bits, group))
-            count += 1
-    return count
+    names = decoder_linears(model)
+    for name in names:
+        module = model.get_submodule(name)
+        module.weight.data = dequantize(quantize(module.weight.data, bits, group))
+    return len(names)
 
 
 def main() -> None:
@@ -50,7 +49,7 @@ def main() -> None:
 
     model_dir = pull("smollm2-135m", REPO / "models")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    valid = tokenizer(load_text(CORPUS / "valid.txt"), add_special_tokens=False, verbose=False)["input_ids"]
+    valid = tokenize_file(tokenizer, CORPUS / "valid.txt")
     if args.windows:
         valid = valid[: args.windows * 512]
     out = RESULTS / "quant-rtn.json"
@@ -62,8 +61,9 @@ def main() -> None:
         to_cpu_serving(model)
         start = time.perf_counter()
         ppl = perplexity(model, valid, ctx=512, stride=512).perplexity
+        fp32_ppl = ppl if config == "fp32" else fp32_ppl
         rows[config] = {"tokens": len(valid), "bits": bits, "group": group, "linears": linears, "ppl": ppl,
-                        "vs_dense": ppl / rows.get("fp32", {"ppl": ppl})["ppl"], "seconds": time.perf_counter() - start, "cpu": cpu()}
+                        "vs_dense": ppl / fp32_ppl, "seconds": time.perf_counter() - start, "cpu": cpu()}
         out.write_text(json.dumps(rows, indent=1) + "\n")
         print(config, f"{ppl:.3f}", flush=True)
     lines = ["# Round-to-nearest group quantisation of SmolLM2-135M's decoder linears (format cost alone)", "",
