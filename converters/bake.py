@@ -17,9 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from engine.model.checkpoint import FORMAT_VERSION, MANIFEST, open_weights, weight_files
+from engine.model.llama import CausalLM
 from engine.model.rank_budget import allocate_ranks, dense_rank, module_params
 
 from .atomic import atomic_folder
+from .calibrate import decoder_linears
 from .factorize import Factors
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -96,6 +98,20 @@ def bake(
     }
     write_folder_atomically(source, out, tensors, manifest)
     return manifest
+
+
+def dense_manifest(source: Path, model: CausalLM) -> dict:
+    """A manifest for a dense source: every decoder linear listed as kept whole."""
+    modules = {}
+    for name in decoder_linears(model):
+        shape = tuple(model.get_submodule(name).weight.shape)
+        modules[name] = {"shape": list(shape), "rank": min(shape), "dense_rank": round(dense_rank(shape), 2),
+                         "factorized": False}
+    dense_total = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
+    return {"format_version": FORMAT_VERSION, "method": "none",
+            "source": {"path": str(source), "weights_sha256": weights_sha256(source)},
+            "target_ratio": 0.0,
+            "linear_params": {"dense": dense_total, "kept": dense_total}, "modules": modules}
 
 
 def write_folder_atomically(source: Path, out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:

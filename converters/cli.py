@@ -1,4 +1,4 @@
-"""The `lowrank` command: pull, compress, heal, eval, generate, serve.
+"""The `lowrank` command: pull, compress, heal, quantize, eval, generate, serve.
 
 It lives in `converters` because that is the one package allowed to import both sides
 (`converters` may import `engine`, never the reverse). Errors a user can fix print one line
@@ -117,6 +117,22 @@ def cmd_compress(args: argparse.Namespace) -> None:
     heal_config = None if args.heal_steps is None else _heal_config(args, args.heal_steps, calib, device)
     if heal_config is not None and heal_config.max_ratio is not None and heal_config.max_ratio < args.ratio:
         raise UsageError(f"--max-ratio {heal_config.max_ratio} is below --ratio {args.ratio}")
+    if args.group is not None and args.bits is None:
+        raise UsageError("--group belongs to quantisation: give --bits too")
+    quant_config = None if args.bits is None else _quant_config(path, args)
+
+    def finish(produce) -> dict | None:
+        """`produce(dest)` writes the float folder; with --bits it goes to a temporary folder that is
+        quantised into `out`, so `out` appears only once complete."""
+        if quant_config is None:
+            return produce(out)
+        from .quantize import quantize_folder
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.float-") as tmp:
+            if produce(Path(tmp) / "float") is None:
+                return None
+            return quantize_folder(Path(tmp) / "float", out, quant_config)
 
     def write(dest: Path) -> dict:
         if kv_config is None:
@@ -130,7 +146,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             return lorc(Path(tmp) / "weights", dest, kv_config)
 
     if heal_config is None:
-        manifest = write(out)
+        manifest = finish(write)
     else:  # compressed into <out>.partial/compressed, then healed into out: a resumed run skips the first part
         from dataclasses import asdict
 
@@ -143,8 +159,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
             shutil.rmtree(partial, ignore_errors=True)
             write(compressed)
             atomic_write_text(record, json.dumps(settings) + "\n")  # written last: it vouches for the folder
-        manifest = heal(compressed, out, heal_config, teacher=path, resume=args.resume, partial=partial,
-                        stop_after=args.stop_after)
+        manifest = finish(lambda dest: heal(compressed, dest, heal_config, teacher=path, resume=args.resume,
+                                            partial=partial, stop_after=args.stop_after))
         if manifest is None:
             print(f"stopped after {args.stop_after} healing steps; the checkpoint is in {partial}: "
                   "run the same command with --resume to go on")
@@ -155,6 +171,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
               f"removed; whole model {manifest['model_ratio']:.4f}")
     if healing := manifest.get("healing"):
         _print_healing(healing)
+    if quantization := manifest.get("quantization"):
+        _print_quantization(quantization)
     print(f"wrote {out}")
     if kv := manifest.get("kv_latent"):
         print(f"KV cache: {kv['achieved_kv_ratio']:.4f} of its bytes removed ({kv['schedule']} ranks, "
@@ -185,6 +203,39 @@ def cmd_heal(args: argparse.Namespace) -> None:
         return
     _print_healing(result["healing"])
     print(f"wrote {out}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from engine.model.checkpoint import read_manifest
+
+    from .quantize import quantize_folder, refuse_quantized
+
+    folder = resolve_model(args.folder)
+    refuse_quantized(folder, read_manifest(folder), "quantise")
+    config = _quant_config(folder, args)
+    out = _output_folder(args)
+    if folder.resolve() == out.resolve():
+        raise UsageError(f"--out {out} is the folder being quantised: write the quantised model elsewhere")
+    _print_quantization(quantize_folder(folder, out, config)["quantization"])
+    print(f"wrote {out}")
+
+
+def _quant_config(folder: Path, args: argparse.Namespace):
+    """--bits / --group checked against the folder's widths before any work."""
+    from engine import ModelConfig
+
+    from .quantize import QuantConfig, check_widths
+
+    ModelConfig.from_folder(folder)  # a missing or unsupported model fails first
+    config = QuantConfig(bits=args.bits, group=args.group)
+    check_widths(folder, config.group)
+    return config
+
+
+def _print_quantization(quantization: dict) -> None:
+    size = quantization["bytes"]
+    print(f"int{quantization['bits']} weights in groups of {quantization['group']} ({quantization['rounding']}): "
+          f"tensors {size['before'] / 1e6:.1f} MB -> {size['after'] / 1e6:.1f} MB")
 
 
 HEAL_OPTIONS = {"max_ratio": None, "heal_mode": "full", "heal_lr": None, "heal_batch_size": 4, "heal_seq_len": 256,
@@ -323,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--heal-steps", type=positive_int, help="then heal the factors by distillation for N steps")
     _add_heal_options(p)
+    _add_quant_options(p, required=False)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=cmd_compress)
@@ -338,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=cmd_heal)
+
+    p = sub.add_parser("quantize", help="store a folder's decoder linears (dense or factorised) as int8 / int4")
+    p.add_argument("folder", help="a model folder (dense, compressed, healed or with latent K/V), or a pulled name")
+    _add_quant_options(p, required=True)
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("generate", help="generate a completion (or a chat reply with --chat)")
     p.add_argument("model", help="model folder, or a pulled model's name")
@@ -389,6 +448,14 @@ def _add_heal_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in <out>.partial")
     p.add_argument("--stop-after", type=positive_int,
                    help="checkpoint and stop after N steps of this run (go on later with --resume)")
+
+
+def _add_quant_options(p: argparse.ArgumentParser, required: bool) -> None:
+    """Quantisation's options, shared by `quantize` and `compress --bits` (converters.quantize documents them)."""
+    p.add_argument("--bits", type=int, choices=[8, 4], required=required,
+                   help="weight-only int8 or int4 for every decoder linear" + ("" if required else " (last stage)"))
+    p.add_argument("--group", type=positive_int,
+                   help="input channels per scale; must divide every layer's input width (default 64 int8, 32 int4)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

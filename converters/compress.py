@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from engine import load_model
+from engine.model.checkpoint import read_manifest
 from engine.model.llama import CausalLM
 from engine.model.loader import load_tokenizer
 from engine.model.rank_budget import uniform_priority
@@ -22,6 +23,7 @@ from engine.model.rank_budget import uniform_priority
 from .bake import bake
 from .calibrate import SHARED_INPUT, collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
 from .factorize import Factors, whitened_svd
+from .quantize import refuse_quantized
 from .soco import PRIOR, RATIO_SLACK, SoCoConfig, train_scores
 
 METHODS = ("svd", "svd-llm", "soco")
@@ -66,6 +68,7 @@ class Prepared:
 def prepare(model_dir: str | Path, config: CompressConfig, whiten: bool) -> Prepared:
     """Load, calibrate (when whitening) and factorise every decoder linear."""
     start = time.perf_counter()
+    refuse_quantized(Path(model_dir), read_manifest(model_dir), "compress")
     model = load_model(model_dir, dtype=torch.float32, device=config.device)
     tokenizer = load_tokenizer(model_dir)
     token_ids = tokenize_file(tokenizer, config.calib) if whiten or config.method == "soco" else None

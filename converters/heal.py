@@ -72,6 +72,7 @@ from kernels import lowrank_gemm
 from .bake import files_sha256, read_tensors, weights_sha256, write_folder_atomically
 from .calibrate import sample_windows, tokenize_file
 from .distill import distill_kl, head_weight
+from .quantize import quantized_problem
 
 HEAL_MODES = ("full", "lora")
 CHECKPOINT = "checkpoint.safetensors"
@@ -171,6 +172,8 @@ class HealedLowRank(nn.Module):
 def unhealable(folder: Path, manifest: dict | None) -> str | None:
     """Why `folder` cannot be healed (None when it can): it needs factorised weights, not only K/V latents."""
     modules = (manifest or {}).get("modules", {})
+    if problem := quantized_problem(folder, manifest, "heal"):
+        return problem
     if not any(m.get("factorized") for m in modules.values()):
         return f"{folder} is not a compressed folder (no lowrank.json with factorised modules): run `lowrank compress`"
     if all(m.get("latent") for m in modules.values() if m.get("factorized")):

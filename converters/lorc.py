@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import load_model
-from engine.model.checkpoint import FORMAT_VERSION, read_manifest
+from engine.model.checkpoint import read_manifest
 from engine.model.layers import Linear, LowRankLinear
 from engine.model.llama import CausalLM
 from engine.model.loader import load_tokenizer
 from engine.model.rank_budget import dense_rank, lowrank_params
 
-from .bake import read_tensors, weights_sha256, write_folder_atomically
+from .bake import dense_manifest, read_tensors, write_folder_atomically
 from .calibrate import collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
 from .factorize import Factors, whitened_svd
+from .quantize import refuse_quantized
 
 SCHEDULES = ("progressive", "uniform")
 KV_LEAVES = ("k_proj", "v_proj")
@@ -181,6 +182,7 @@ def prepare_kv(source: str | Path, config: LoRCConfig) -> KVPrepared:
     """Load `source` (dense or compressed), take its K/V inputs' Gram, factorise every K/V projection."""
     start = time.perf_counter()
     source = Path(source)
+    refuse_quantized(source, read_manifest(source), "factorise the K/V cache of")
     model = load_model(source, dtype=torch.float32, device=config.device)
     token_ids = tokenize_file(load_tokenizer(source), config.calib)
     windows = sample_windows(token_ids, config.samples, config.seq_len, config.seed)
@@ -248,20 +250,6 @@ def write_latent_folder(prepared: KVPrepared, out: Path, kv_latent: dict) -> dic
                  "linear_params": {"dense": dense_total, "kept": kept}, "kv_latent": kv_latent}
     write_folder_atomically(source, out, tensors, manifest)
     return manifest
-
-
-def dense_manifest(source: Path, model: CausalLM) -> dict:
-    """A manifest for a dense source: every decoder linear listed as kept whole."""
-    modules = {}
-    for name in decoder_linears(model):
-        shape = tuple(model.get_submodule(name).weight.shape)
-        modules[name] = {"shape": list(shape), "rank": min(shape), "dense_rank": round(dense_rank(shape), 2),
-                         "factorized": False}
-    dense_total = sum(m["shape"][0] * m["shape"][1] for m in modules.values())
-    return {"format_version": FORMAT_VERSION, "method": "none",
-            "source": {"path": str(source), "weights_sha256": weights_sha256(source)},
-            "target_ratio": 0.0,
-            "linear_params": {"dense": dense_total, "kept": dense_total}, "modules": modules}
 
 
 def non_linear_params(model: CausalLM) -> int:

@@ -40,7 +40,18 @@ class Quantized:
     cols: int
 
 
-def _check(bits: int, group: int) -> None:
+def stored_cols(cols: int, bits: int) -> int:
+    """Columns of `q` for an input width `cols`: one byte per value for int8, two values per byte for int4."""
+    return -(-cols // 2) if bits == 4 else cols
+
+
+def n_groups(cols: int, group: int) -> int:
+    """Scales per row: ⌈cols / group⌉ (the last group may be short)."""
+    return -(-cols // group)
+
+
+def check_format(bits: int, group: int) -> None:
+    """A ValueError naming the problem unless (bits, group) is a format this module knows."""
     if bits not in BITS:
         raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
     if not isinstance(group, int) or group < 2 or group % 2:
@@ -56,7 +67,7 @@ def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, bits: int, group: int) -> Quantized:
     """Round-to-nearest group quantisation of a 2-D weight (computed in float64)."""
-    _check(bits, group)
+    check_format(bits, group)
     if w.dim() != 2:
         raise ValueError(f"quantize takes a 2-D weight, got shape {tuple(w.shape)}")
     out, cols = w.shape
@@ -108,7 +119,7 @@ def column_prefix(qw: Quantized, cols: int) -> Quantized:
     q = levels(qw)[:, :cols]
     if qw.bits == 4:
         q = _pack4(q)
-    return Quantized(q.contiguous(), qw.scales[:, : -(-cols // qw.group)].contiguous(), qw.bits, qw.group, cols)
+    return Quantized(q.contiguous(), qw.scales[:, : n_groups(cols, qw.group)].contiguous(), qw.bits, qw.group, cols)
 
 
 def row_prefix(qw: Quantized, rows: int) -> Quantized:

@@ -106,10 +106,10 @@ def test_loader_rejects_wrong_shapes_and_unsupported_configs(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("version", [2, None, "1"])
+@pytest.mark.parametrize("version", [3, 0, None, "1"])
 def test_loader_refuses_a_manifest_of_another_format_version(version, tmp_path):
     save_tiny_model(CONFIGS["llama-gqa-tied"], tmp_path)
     manifest = {"method": "svd", "modules": {}} | ({} if version is None else {"format_version": version})
     (tmp_path / "lowrank.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelFolderError, match=rf"format_version {version!r}; this lowrank-engine reads version 1"):
+    with pytest.raises(ModelFolderError, match=rf"format_version {version!r}; this lowrank-engine reads versions 1 and 2"):
         load_model(tmp_path)

@@ -1,7 +1,8 @@
 """The checkpoint format, in one place: an HF folder (config.json, tokenizer, safetensors
 weights) plus, for a compressed folder, `lowrank.json` (the manifest: method, ratios, per-module
 ranks and shapes; ../shared/DESIGN.md has the whole format). Factorised modules store `X.A`,
-`X.B` (and `X.score`) under the original module's name, components in importance order.
+`X.B` (and `X.score`) under the original module's name, components in importance order. A
+quantised matrix `X.leaf` is stored as `X.leaf_q` and `X.leaf_scales` (`converters.quantize`).
 
 `converters.bake` writes what this module reads; `FORMAT_VERSION` changes whenever a folder
 written by one version would be misread by another, and the reader refuses other versions.
@@ -20,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from .config import ModelFolderError, read_json_object
 
 MANIFEST = "lowrank.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantised matrices (`converters.quantize`); version 1 folders read the same
+READABLE_VERSIONS = (1, 2)
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -56,7 +58,8 @@ def read_manifest(path: str | Path) -> dict | None:
         return None
     manifest = read_json_object(file)
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelFolderError(f"{file} has format_version {version!r}; this lowrank-engine reads version "
-                               f"{FORMAT_VERSION}: re-create the folder with this version's `lowrank compress`")
+    if version not in READABLE_VERSIONS:
+        known = " and ".join(map(str, READABLE_VERSIONS))
+        raise ModelFolderError(f"{file} has format_version {version!r}; this lowrank-engine reads versions "
+                               f"{known}: re-create the folder with this version's `lowrank compress`")
     return manifest

@@ -2,7 +2,9 @@
 
 Every projection in the model is a `Linear`, so the compressed loader can swap in a low-rank
 linear with the same call signature without touching the model code (and the CPU serving form,
-`engine.model.cpu_serving`, its packed forms). Nothing here is device-specific.
+`engine.model.cpu_serving`, its packed forms). The quantised forms (`QuantLinear`,
+`QuantLowRankLinear`) are subclasses whose `weight` / `A` / `B` are the dequantised matrices, so
+every consumer of a linear's matrices works on them unchanged. Nothing here is device-specific.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import lowrank_gemm
+from kernels.quant import Quantized, dequantize, n_groups, stored_cols
 
 
 class Linear(nn.Module):
@@ -57,6 +60,69 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class _QuantStore:
+    """Group-quantised matrices (`kernels.quant`) held as buffers `<leaf>_q` (int8 levels, or int4
+    packed two per byte in uint8) and `<leaf>_scales` (one per group of input channels), the names
+    they have in the checkpoint. The float matrix is rebuilt on each use, in the scales' dtype (the
+    serving dtype): the reference path. Kernels that read the levels directly replace the module."""
+
+    bits: int
+    group: int
+
+    def _register_quantized(self, leaf: str, rows: int, cols: int) -> None:
+        levels = torch.empty(rows, stored_cols(cols, self.bits), dtype=torch.int8 if self.bits == 8 else torch.uint8)
+        self.register_buffer(f"{leaf}_q", levels)
+        self.register_buffer(f"{leaf}_scales", torch.empty(rows, n_groups(cols, self.group)))
+
+    def quantized(self, leaf: str, cols: int) -> Quantized:
+        return Quantized(getattr(self, f"{leaf}_q"), getattr(self, f"{leaf}_scales"), self.bits, self.group, cols)
+
+    def _dequantized(self, leaf: str, cols: int) -> torch.Tensor:
+        scales = getattr(self, f"{leaf}_scales")
+        return dequantize(self.quantized(leaf, cols), scales.dtype)
+
+
+class QuantLinear(_QuantStore, Linear):
+    """A `Linear` whose weight is stored group-quantised; `weight` is the dequantised [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int, bias: bool = False):
+        nn.Module.__init__(self)  # not Linear's: there is no float weight to allocate
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        self._register_quantized("weight", out_features, in_features)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._dequantized("weight", self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, int{self.bits}, group={self.group}"
+
+
+class QuantLowRankLinear(_QuantStore, LowRankLinear):
+    """A `LowRankLinear` whose factors are stored group-quantised (A's groups run along its rank, so
+    a rank prefix keeps whole groups but the last); `A` [out, r] and `B` [r, in] are dequantised."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bits: int, group: int, bias: bool = False):
+        nn.Module.__init__(self)  # not LowRankLinear's: there are no float factors to allocate
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.bits, self.group = bits, group
+        self._register_quantized("A", out_features, rank)
+        self._register_quantized("B", rank, in_features)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    @property
+    def A(self) -> torch.Tensor:  # noqa: N802 (the factor's name in the checkpoint and the papers)
+        return self._dequantized("A", self.rank)
+
+    @property
+    def B(self) -> torch.Tensor:  # noqa: N802
+        return self._dequantized("B", self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, int{self.bits}, group={self.group}"
 
 
 class RMSNorm(nn.Module):

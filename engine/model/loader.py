@@ -1,8 +1,9 @@
 """Load an HF model folder, dense or compressed, straight into our modules.
 
 As gpt-fast does: build on the meta device (no wasted init), swap factorised projections for
-`LowRankLinear`, then assign the checkpoint's tensors, cast to the chosen dtype on the chosen
-device. A compressed folder (`lowrank.json` beside the weights) can be served at a higher
+`LowRankLinear` (quantised ones for `QuantLinear` / `QuantLowRankLinear`), then assign the
+checkpoint's tensors, cast to the chosen dtype on the chosen device (integer levels stay
+integers). A compressed folder (`lowrank.json` beside the weights) can be served at a higher
 compression ratio than it was baked at: its stored scores pick a rank prefix per module by the
 same global rule bake used. Safetensors only; never pickles.
 """
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from kernels.quant import n_groups, stored_cols
+
 from .checkpoint import open_weights, read_manifest, weight_files
 from .config import ModelConfig, ModelFolderError, parse_dtype
-from .layers import LowRankLinear
+from .layers import Linear, LowRankLinear, QuantLinear, QuantLowRankLinear
 from .llama import CausalLM
 from .rank_budget import allocate_ranks, lowrank_params
 
@@ -104,14 +107,14 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, device)
     ranks = serving_ranks(path, manifest, files, ratio) if manifest else {}
+    quantized = {name: m for name, m in manifest["modules"].items() if "bits" in m} if manifest else {}
     with torch.device("meta"):
         model = CausalLM(config)
-        for name, rank in ranks.items():
+        for name in ranks.keys() | quantized.keys():
             dense = model.get_submodule(name)
-            low = LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None)
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, low)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+            setattr(model.get_submodule(parent), child, _stored_linear(dense, ranks.get(name), quantized.get(name)))
+    expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with open_weights(file) as f:
@@ -122,12 +125,12 @@ def load_model(
                     if name == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # some tied checkpoints store the head anyway
                     raise ModelFolderError(f"{file}: unexpected tensor {name!r} for a {config.model_type} model")
-                tensor = _read_prefix(f, name, ranks)
+                tensor = _read_prefix(f, name, ranks, quantized)
                 if tensor.shape != expected[name]:
                     raise ModelFolderError(
                         f"{file}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}"
-                    )
-                state[name] = tensor.to(device=device, dtype=dtype)
+                    )  # quantised levels keep their integer dtype; everything else takes the serving dtype
+                state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ModelFolderError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]!r}")
@@ -138,10 +141,34 @@ def load_model(
     return model.eval()
 
 
-def _read_prefix(f, name: str, ranks: dict[str, int]) -> torch.Tensor:
-    """A tensor, or for a factor only its first `rank` components (read lazily, not the whole)."""
+def _stored_linear(dense: Linear, rank: int | None, quant: dict | None) -> Linear | LowRankLinear:
+    """The module a decoder linear is stored as: factorised at `rank` (None: dense), quantised per
+    its manifest entry `quant` (None: float)."""
+    shape = dense.in_features, dense.out_features
+    bias = dense.bias is not None
+    if quant is None:
+        return LowRankLinear(*shape, rank, bias)
+    if rank is None:
+        return QuantLinear(*shape, quant["bits"], quant["group"], bias)
+    return QuantLowRankLinear(*shape, rank, quant["bits"], quant["group"], bias)
+
+
+def _read_prefix(f, name: str, ranks: dict[str, int], quantized: dict[str, dict]) -> torch.Tensor:
+    """A tensor, or for a factor only its first `rank` components (read lazily, not the whole).
+    A quantised A keeps the groups its prefix touches; int4 levels are repacked when the prefix
+    ends inside a byte, so the unused nibble holds level 0 as a freshly quantised prefix would."""
     module, _, leaf = name.rpartition(".")
-    if module in ranks and leaf in ("A", "B"):
-        rank = ranks[module]
-        return f.get_slice(name)[:, :rank] if leaf == "A" else f.get_slice(name)[:rank]
-    return f.get_tensor(name)
+    if module not in ranks or leaf not in ("A", "B", "A_q", "A_scales", "B_q", "B_scales"):
+        return f.get_tensor(name)
+    rank = ranks[module]
+    if leaf.startswith("B"):
+        return f.get_slice(name)[:rank]
+    if leaf == "A":
+        return f.get_slice(name)[:, :rank]
+    bits, group = quantized[module]["bits"], quantized[module]["group"]
+    if leaf == "A_scales":
+        return f.get_slice(name)[:, : n_groups(rank, group)]
+    levels = f.get_slice(name)[:, : stored_cols(rank, bits)]
+    if bits == 4 and rank % 2:
+        levels[:, -1] = (levels[:, -1] & 0xF) | 0x80  # the high nibble is column `rank`, beyond the prefix
+    return levels
