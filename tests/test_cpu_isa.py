@@ -1,7 +1,8 @@
 """The native CPU kernels built for other x86 vector extensions than this CPU's widest, checked here.
 
-The kernels take their vector width and GEMM tile heights from the compiler's target (cpu_kernels.h:
-16 lanes and 16-row tiles with AVX-512, 8 and 6 with AVX2, 4 and 3 with SSE). `-march=native`
+The kernels take their vector width and GEMM tile heights from the compiler's target (lowrank_cpu.h,
+gemm.c: 16 lanes and 16-row tiles with AVX-512, 8 and 6 with AVX2 (4 for int8 / int4 weights), 4
+and 3 with SSE (2)). `-march=native`
 builds only this CPU's branch, so CI would never run the others: this suite builds the library
 again for each level the CPU can execute and runs the same comparisons through it.
 """
@@ -60,6 +61,14 @@ def test_gemms_match_float64(isa, rows):
         low = (x.double() @ B.double().T) @ A.double().T + bias.double()
         got = packed_lowrank(x, pack(B, "native"), pack(A, "native"), bias).double()
         torch.testing.assert_close(got, low, atol=1e-4 * rank ** 0.5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 2)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 17, 130])
+def test_quantized_gemms_match_float64(isa, rows, bits, group):
+    from test_cpu_quant import check_quantized_gemms
+
+    check_quantized_gemms(rows, bits, group)
 
 
 @pytest.mark.parametrize("window", [None, 7])

@@ -3,8 +3,8 @@ native CPU kernels (kernels/cpu), as the loader swaps in `LowRankLinear` and gpt
 `quantize.py` swaps in its int8 linear. The plain modules know nothing of it.
 
 - `Linear` -> `PackedLinear`, `LowRankLinear` -> `PackedLowRankLinear`: each weight repacked for
-  the CPU GEMM that serves it (`kernels.cpu.gemm`: our C kernel for float32, oneDNN otherwise);
-  a factorised layer is one fused call. A tied head gets a `PackedLinear` over a copy of the
+  the CPU GEMM that serves it (`kernels.cpu.gemm`: our C kernel for float32 and for int8 / int4
+  levels, oneDNN otherwise); a factorised layer is one fused call. A tied head gets a `PackedLinear` over a copy of the
   embedding table, which stays for lookups.
 - `RMSNorm` -> `NativeRMSNorm`, `RoPE` -> `NativeRoPE`: one native call each (float32).
 - `Attention` -> `NativeAttention`: decode steps over the paged cache through the native kernel,
@@ -28,10 +28,11 @@ from kernels.backend import NATIVE
 from kernels.cpu.attention import native_paged_decode
 from kernels.cpu.decoder_layer import LayerDescription, decode_layer, describe_layer, describe_linear
 from kernels.cpu.elementwise import native_elementwise_available, rms_norm, rope
-from kernels.cpu.gemm import PackedWeight, can_pack, pack, packed_linear, packed_lowrank
+from kernels.cpu.gemm import (PackedWeight, can_pack, can_pack_quantized, pack, pack_quantized, packed_linear,
+                              packed_lowrank)
 
 from .attention import AttentionContext
-from .layers import Linear, LowRankLinear, RMSNorm
+from .layers import Linear, LowRankLinear, QuantLinear, QuantLowRankLinear, RMSNorm
 from .llama import Attention, CausalLM, DecoderLayer
 from .rope import RoPE
 
@@ -46,7 +47,7 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: Linear) -> PackedLinear:
-        return cls(pack(linear.weight), linear.bias)
+        return cls(_packed(linear, "weight", linear.in_features), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed, self.bias)
@@ -66,13 +67,21 @@ class PackedLowRankLinear(nn.Module):
 
     @classmethod
     def from_lowrank(cls, linear: LowRankLinear) -> PackedLowRankLinear:
-        return cls(pack(linear.B), pack(linear.A), linear.bias)
+        return cls(_packed(linear, "B", linear.in_features), _packed(linear, "A", linear.rank), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_lowrank(x, *self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, kernel={self.packed[0].kernel}"
+
+
+def _packed(linear: Linear | LowRankLinear, leaf: str, cols: int) -> PackedWeight:
+    """One of a linear's matrices packed: its int8 / int4 levels as they are where the native kernel
+    reads them, else the float matrix (a quantised one dequantised, the reference's weights)."""
+    if isinstance(linear, (QuantLinear, QuantLowRankLinear)) and can_pack_quantized(q := linear.quantized(leaf, cols)):
+        return pack_quantized(q)
+    return pack(getattr(linear, leaf))
 
 
 class NativeRMSNorm(nn.Module):

@@ -25,9 +25,9 @@
 static void linear_shared(const cpu_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *low, float *y)
 {
     if (l->rank)
-        lowrank_shared(x, M, K, l->down, l->rank, l->up, N, l->bias, low, y);
+        lowrank_shared(x, M, K, &l->down, l->rank, &l->up, N, l->bias, low, y);
     else
-        gemm_shared(x, K, M, K, l->weight, N, y, N, l->bias);
+        gemm_shared(x, K, M, K, &l->weight, N, y, N, l->bias);
 }
 
 static void add_shared(float *x, const float *y, int64_t T, int64_t C) /* x += y, row by row */

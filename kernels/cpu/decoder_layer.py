@@ -8,8 +8,9 @@ operations, through the same kernels, in one parallel region.
 `describe_layer` describes a packed layer to the kernel once, at load (the engine's
 `engine.model.cpu_serving.NativeDecoderLayer` holds the description and every tensor it points
 to); it returns None for a layer the kernel does not take, which keeps the per-operation path.
-The ctypes structures mirror `cpu_linear` and `cpu_decoder_layer` in lowrank_cpu.h; their layout
-is checked against the library's own offsets before the first description is made.
+The ctypes structures mirror `cpu_weight` (kernels.cpu.gemm), `cpu_linear` and `cpu_decoder_layer`
+in lowrank_cpu.h; their layout is checked against the library's own offsets before the first
+description is made.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ import torch
 
 from . import build as cpu_native
 from .attention import heads_supported
-from .gemm import PackedWeight
+from .gemm import PackedWeight, WeightDescription
 
 _ptr = ctypes.c_void_p
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # the order of cpu_decoder_layer's fields
 
 
 class LinearDescription(ctypes.Structure):  # cpu_linear in lowrank_cpu.h
-    _fields_ = [("weight", _ptr), ("down", _ptr), ("up", _ptr), ("bias", _ptr), ("rank", ctypes.c_int64)]
+    _fields_ = [("weight", WeightDescription), ("down", WeightDescription), ("up", WeightDescription),
+                ("bias", _ptr), ("rank", ctypes.c_int64)]
 
 
 class LayerDescription(ctypes.Structure):  # cpu_decoder_layer in lowrank_cpu.h
@@ -41,7 +43,8 @@ class LayerDescription(ctypes.Structure):  # cpu_decoder_layer in lowrank_cpu.h
 def layout_mismatches() -> list[str]:
     """Where the ctypes mirrors disagree with the structs the library was compiled with (empty: none)."""
     found = []
-    for struct, c_name in ((LinearDescription, "cpu_linear"), (LayerDescription, "cpu_decoder_layer")):
+    for struct, c_name in ((WeightDescription, "cpu_weight"), (LinearDescription, "cpu_linear"),
+                           (LayerDescription, "cpu_decoder_layer")):
         if ctypes.sizeof(struct) != (size := cpu_native.constant(f"sizeof({c_name})")):
             found.append(f"sizeof({c_name}): {size} in C, {ctypes.sizeof(struct)} in Python")
         for name, _ in struct._fields_:
@@ -74,8 +77,8 @@ def describe_linear(packed: PackedWeight | tuple[PackedWeight, PackedWeight],
     bias_ptr = bias.data_ptr() if bias is not None else None
     if isinstance(packed, tuple):
         down, up = packed
-        return LinearDescription(None, down.data.data_ptr(), up.data.data_ptr(), bias_ptr, down.out_features)
-    return LinearDescription(packed.data.data_ptr(), None, None, bias_ptr, 0)
+        return LinearDescription(WeightDescription(), down.native, up.native, bias_ptr, down.out_features)
+    return LinearDescription(packed.native, WeightDescription(), WeightDescription(), bias_ptr, 0)
 
 
 def describe_layer(projections: list[LinearDescription | None], input_norm: torch.Tensor, post_norm: torch.Tensor,

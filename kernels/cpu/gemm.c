@@ -17,6 +17,12 @@
  * from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
  * runtime torch uses). The native decoder layer (decoder_layer.c) calls `gemm_shared` directly.
  *
+ * Quantised weights (weight-only, kernels/quant.py's format) keep the same panels with the levels
+ * in place of the floats: int8 as [K][16] bytes, int4 as [ceil(K/2)][16] bytes holding inputs 2j
+ * (low nibble) and 2j+1 (high), and beside them the group scales as [ceil(K/group)][16] floats
+ * per panel. Decode reads 1 or 0.5 byte per weight (plus 4/group for the scale) instead of 4: the
+ * levels are widened and scaled in registers, the activations and the accumulation stay float32.
+ *
  * Built and loaded by kernels/cpu/build.py; packing and dispatch are in kernels/cpu/gemm.py.
  */
 #include <stdint.h>
@@ -27,49 +33,105 @@
 #define MAX_ROWS 16
 #define MAX_TILES 2 /* adjacent panels per tile at prefill sizes */
 #define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
-#define PREFETCH 32 /* weight rows (of 16 floats: one cache line) fetched ahead of the FMAs */
+#define PREFETCH 32 /* cache lines of weights fetched ahead of the FMAs */
+#define LINE 64
 
 /* Rows per tile: the accumulators (rows x vectors per panel row), the panel row and one broadcast
  * must fit the vector registers (LANES, lowrank_cpu.h). Measured on a 2-core Zen 3 (AVX2) at
  * 16 x 1536 x 576: the AVX-512 tile (16 rows, as 32 accumulators of 8 floats) ran at 10 GFLOP/s,
  * 6 rows at ~120. No two-panel tiles below AVX-512 (TWO_PANEL_ROWS 0): 2 rows x 2 panels would be
- * bound by its loads. */
+ * bound by its loads. Quantised weights hold their group's scales in registers too (and int4 its
+ * offset), so below AVX-512 their tiles are shorter (QUANT_ROWS). */
 #if LANES == 16
 #define ONE_PANEL_ROWS 16
 #define TWO_PANEL_ROWS 8
+#define QUANT_ROWS 16
 #elif LANES == 8 || defined(__aarch64__)
 #define ONE_PANEL_ROWS 6 /* 16 ymm with AVX2, 32 q registers with NEON */
+#define QUANT_ROWS 4
 #else
 #define ONE_PANEL_ROWS 3 /* SSE: 16 xmm, 4 per panel row */
+#define QUANT_ROWS 2
 #endif
 #ifndef TWO_PANEL_ROWS
 #define TWO_PANEL_ROWS 0
 #endif
 #define VECTORS (PANEL / LANES) /* registers per panel row */
 
+typedef int8_t bvec __attribute__((vector_size(LANES), aligned(1)));   /* LANES int8 levels */
+typedef uint8_t ubvec __attribute__((vector_size(LANES), aligned(1))); /* LANES int4 pairs */
+
+/* Bytes of one panel row: PANEL weights of one input (float, int8), or of two inputs (int4). */
+#define ROW_BYTES(BITS) ((BITS) == 32 ? PANEL * 4 : PANEL)
+
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
- * rows. ROWS and TILES are compile-time constants at every call site, so the accumulators live in
- * registers (they are never address-taken): at decode sizes one panel (the weight streamed
- * once), with AVX-512 8 rows x 2 panels at prefill sizes (each broadcast of x feeds two FMAs:
- * 10 loads per 16 FMAs instead of 17). */
-static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const float *x,
-                                                            int64_t ldx, int64_t K, const float *panel, float *y,
+ * rows. ROWS, TILES and BITS are compile-time constants at every call site, so the accumulators
+ * live in registers (they are never address-taken): at decode sizes one panel (the weight
+ * streamed once), with AVX-512 8 rows x 2 panels at prefill sizes (each broadcast of x feeds two
+ * FMAs: 10 loads per 16 FMAs instead of 17). Quantised levels are widened to float and scaled in
+ * registers, per panel row, before the same FMAs: w = q·d (int8), w = q'·d − 8d (int4, q' = q + 8
+ * as stored); the float weight never exists in memory. */
+static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const int BITS,
+                                                            const float *x, int64_t ldx, int64_t K,
+                                                            const cpu_weight *w, const char *panel,
+                                                            int64_t panel_bytes, const float *scales, float *y,
                                                             int64_t ldy, int cols, const float *bias,
-                                                            const float *ahead)
+                                                            const char *ahead)
 {
     vec acc[MAX_ROWS][MAX_TILES * VECTORS];
     for (int m = 0; m < ROWS; m++)
         for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] = (vec){0};
-    for (int64_t k = 0; k < K; k++) {
-        vec w[MAX_TILES * VECTORS];
-        for (int t = 0; t < TILES; t++) {
-            const float *row = panel + t * K * PANEL + PANEL * k;
-            __builtin_prefetch(ahead + t * K * PANEL + PANEL * k, 0, 0);
-            for (int v = 0; v < VECTORS; v++) w[t * VECTORS + v] = *(const vec_unaligned *)(row + LANES * v);
+    if (BITS == 32) {
+        for (int64_t k = 0; k < K; k++) {
+            vec wk[MAX_TILES * VECTORS];
+            for (int t = 0; t < TILES; t++) {
+                const float *row = (const float *)(panel + t * panel_bytes) + PANEL * k;
+                __builtin_prefetch(ahead + t * panel_bytes + LINE * k, 0, 0);
+                for (int v = 0; v < VECTORS; v++) wk[t * VECTORS + v] = *(const vec_unaligned *)(row + LANES * v);
+            }
+            for (int m = 0; m < ROWS; m++) {
+                const float xm = x[m * ldx + k];
+                for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
+            }
         }
-        for (int m = 0; m < ROWS; m++) {
-            const float xm = x[m * ldx + k];
-            for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * w[v];
+    } else {
+        const int64_t group = w->group, groups = (K + group - 1) / group;
+        for (int64_t g = 0; g < groups; g++) {
+            vec d[MAX_TILES * VECTORS], offset[MAX_TILES * VECTORS];
+            for (int t = 0; t < TILES; t++)
+                for (int v = 0; v < VECTORS; v++) {
+                    d[t * VECTORS + v] = *(const vec_unaligned *)(scales + (t * groups + g) * PANEL + LANES * v);
+                    offset[t * VECTORS + v] = d[t * VECTORS + v] * -8.0f;
+                }
+            const int64_t k_end = (g + 1) * group < K ? (g + 1) * group : K;
+            const int64_t step = BITS == 8 ? 1 : 2; /* inputs per panel row */
+            for (int64_t k = g * group; k < k_end; k += step) {
+                const int64_t r = k / step; /* the panel row */
+                if (r % (LINE / ROW_BYTES(BITS)) == 0)
+                    for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES(BITS) * r, 0, 0);
+                vec lo[MAX_TILES * VECTORS], hi[MAX_TILES * VECTORS];
+                for (int t = 0; t < TILES; t++)
+                    for (int v = 0; v < VECTORS; v++) {
+                        const char *at = panel + t * panel_bytes + ROW_BYTES(BITS) * r + LANES * v;
+                        const int i = t * VECTORS + v;
+                        if (BITS == 8) {
+                            lo[i] = __builtin_convertvector(*(const bvec *)at, vec) * d[i];
+                        } else {
+                            const ubvec pair = *(const ubvec *)at;
+                            lo[i] = __builtin_convertvector(pair & 15, vec) * d[i] + offset[i];
+                            hi[i] = __builtin_convertvector(pair >> 4, vec) * d[i] + offset[i];
+                        }
+                    }
+                const int both = BITS == 4 && k + 1 < k_end; /* an odd K ends on a lone input */
+                for (int m = 0; m < ROWS; m++) {
+                    const float x0 = x[m * ldx + k];
+                    for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += x0 * lo[v];
+                    if (both) {
+                        const float x1 = x[m * ldx + k + 1];
+                        for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += x1 * hi[v];
+                    }
+                }
+            }
         }
     }
     for (int t = 0; t < TILES && PANEL * t < cols; t++) {
@@ -88,31 +150,43 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
 
 /* All M rows times `tiles` (1 or 2) adjacent panels: full blocks of rows, then the remainder, each
  * with its row count as a constant. The first row tile streams the panel from DRAM, fetching it
- * PREFETCH rows ahead; the later ones read it from L2 and meanwhile fetch the next tile's panels,
+ * PREFETCH lines ahead; the later ones read it from L2 and meanwhile fetch the next tile's panels,
  * so DRAM stays busy through them (16 rows on the Zen 3, cold SmolLM2 weights: 30 layers' dense
- * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). */
-static void tile_all_rows(const int tiles, const float *x, int64_t ldx, int64_t M, int64_t K, const float *panel,
-                          float *y, int64_t ldy, int cols, const float *bias)
+ * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). Two-panel
+ * tiles are float only. */
+static inline __attribute__((always_inline)) void tile_all_rows(const int BITS, const int tiles, const float *x,
+                                                                int64_t ldx, int64_t M, int64_t K,
+                                                                const cpu_weight *w, const char *panel,
+                                                                int64_t panel_bytes, const float *scales,
+                                                                float *y, int64_t ldy, int cols, const float *bias)
 {
-    const int64_t block = tiles == 2 ? TWO_PANEL_ROWS : ONE_PANEL_ROWS;
-    const float *own = panel + PANEL * PREFETCH, *next = panel + tiles * K * PANEL;
+    const int two = BITS == 32 && TWO_PANEL_ROWS && tiles == 2;
+    const int64_t block = two ? TWO_PANEL_ROWS : BITS == 32 ? ONE_PANEL_ROWS : QUANT_ROWS;
+    const char *own = panel + LINE * PREFETCH, *next = panel + tiles * panel_bytes;
     int64_t m = 0;
     for (; m + block <= M; m += block) {
-        const float *ahead = m ? next : own;
-        if (TWO_PANEL_ROWS && tiles == 2)
-            tile_rows(TWO_PANEL_ROWS, 2, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias, ahead);
+        const char *ahead = m ? next : own;
+        if (two)
+            tile_rows(TWO_PANEL_ROWS, 2, BITS, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy, ldy,
+                      cols, bias, ahead);
+        else if (BITS == 32)
+            tile_rows(ONE_PANEL_ROWS, 1, BITS, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy, ldy,
+                      cols, bias, ahead);
         else
-            tile_rows(ONE_PANEL_ROWS, 1, x + m * ldx, ldx, K, panel, y + m * ldy, ldy, cols, bias, ahead);
+            tile_rows(QUANT_ROWS, 1, BITS, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy, ldy,
+                      cols, bias, ahead);
     }
-    const float *xr = x + m * ldx, *ahead = m ? next : own;
+    const float *xr = x + m * ldx;
+    const char *ahead = m ? next : own;
     float *yr = y + m * ldy;
     switch (M - m) {  /* below `block` rows */
-#define REMAINDER(n)                                                                                      \
-    case n:                                                                                               \
-        if (TWO_PANEL_ROWS && tiles == 2) {  /* constant conditions: no tile wider than the registers */  \
-            if (n < TWO_PANEL_ROWS) tile_rows(n, 2, xr, ldx, K, panel, yr, ldy, cols, bias, ahead);        \
-        } else if (n < ONE_PANEL_ROWS)                                                                    \
-            tile_rows(n, 1, xr, ldx, K, panel, yr, ldy, cols, bias, ahead);                               \
+#define REMAINDER(n)                                                                                        \
+    case n:                                                                                                 \
+        if (two) {  /* constant conditions: no tile wider than the registers */                             \
+            if (n < TWO_PANEL_ROWS) tile_rows(n, 2, BITS, xr, ldx, K, w, panel, panel_bytes, scales, yr, ldy, \
+                                              cols, bias, ahead);                                           \
+        } else if (n < (BITS == 32 ? ONE_PANEL_ROWS : QUANT_ROWS))                                           \
+            tile_rows(n, 1, BITS, xr, ldx, K, w, panel, panel_bytes, scales, yr, ldy, cols, bias, ahead);    \
         break;
     REMAINDER(1) REMAINDER(2) REMAINDER(3) REMAINDER(4) REMAINDER(5) REMAINDER(6) REMAINDER(7)
     REMAINDER(8) REMAINDER(9) REMAINDER(10) REMAINDER(11) REMAINDER(12) REMAINDER(13) REMAINDER(14)
@@ -122,47 +196,65 @@ static void tile_all_rows(const int tiles, const float *x, int64_t ldx, int64_t 
     }
 }
 
-/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · Wᵀ + bias, W packed; called inside a
- * parallel region, the (row block, panel) tiles shared among its threads (implicit barrier at the
- * end). Up to ROW_BLOCK rows the threads split the panels; beyond, each thread takes whole row
- * blocks, whose rows stay in its L2 while the panels stream past. */
-void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const float *packed, int64_t N, float *y,
-                 int64_t ldy, const float *bias)
+/* The (row block, panel) tiles of one weight format, shared among the region's threads. */
+static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, const float *x, int64_t ldx, int64_t M,
+                                                             int64_t K, const cpu_weight *w, int64_t N, float *y,
+                                                             int64_t ldy, const float *bias)
 {
     const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const int64_t step = TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1, tiles = (panels + step - 1) / step;
+    const int64_t step = BITS == 32 && TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1;
+    const int64_t tiles = (panels + step - 1) / step;
+    const int64_t panel_bytes = ROW_BYTES(BITS) * (BITS == 4 ? (K + 1) / 2 : K);
+    const int64_t groups = BITS == 32 ? 0 : (K + w->group - 1) / w->group;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t r = 0; r < row_blocks; r++) {
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t m = r * ROW_BLOCK, rows = M - m < ROW_BLOCK ? M - m : ROW_BLOCK, p = t * step;
             const int64_t width = N - PANEL * p < step * PANEL ? N - PANEL * p : step * PANEL;
-            const float *w = packed + p * K * PANEL, *b = bias ? bias + PANEL * p : 0;
+            const char *panel = (const char *)w->data + p * panel_bytes;
+            const float *scales = BITS == 32 ? 0 : w->scales + p * groups * PANEL, *b = bias ? bias + PANEL * p : 0;
             float *out = y + m * ldy + PANEL * p;
-            tile_all_rows(width > PANEL ? 2 : 1, x + m * ldx, ldx, rows, K, w, out, ldy, (int)width, b);
+            tile_all_rows(BITS, width > PANEL ? 2 : 1, x + m * ldx, ldx, rows, K, w, panel, panel_bytes, scales, out,
+                          ldy, (int)width, b);
         }
     }
 }
 
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · Wᵀ + bias, W packed; called inside a
+ * parallel region, the (row block, panel) tiles shared among its threads (implicit barrier at the
+ * end). Up to ROW_BLOCK rows the threads split the panels; beyond, each thread takes whole row
+ * blocks, whose rows stay in its L2 while the panels stream past. */
+void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const cpu_weight *w, int64_t N, float *y,
+                 int64_t ldy, const float *bias)
+{
+    if (w->bits == 8)
+        gemm_tiles(8, x, ldx, M, K, w, N, y, ldy, bias);
+    else if (w->bits == 4)
+        gemm_tiles(4, x, ldx, M, K, w, N, y, ldy, bias);
+    else
+        gemm_tiles(32, x, ldx, M, K, w, N, y, ldy, bias);
+}
+
 /* y [M, N] = x [M, K] · Wᵀ + bias (bias may be NULL); x, y contiguous. */
-void lowrank_cpu_linear(const float *x, int64_t M, int64_t K, const float *packed, int64_t N, const float *bias,
+void lowrank_cpu_linear(const float *x, int64_t M, int64_t K, const cpu_weight *w, int64_t N, const float *bias,
                         float *y, int threads)
 {
 #pragma omp parallel num_threads(threads)
-    gemm_shared(x, K, M, K, packed, N, y, N, bias);
+    gemm_shared(x, K, M, K, w, N, y, N, bias);
 }
 
-void lowrank_shared(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R, const float *packed_a,
+void lowrank_shared(const float *x, int64_t M, int64_t K, const cpu_weight *b, int64_t R, const cpu_weight *a,
                     int64_t N, const float *bias, float *scratch, float *y)
 {
-    gemm_shared(x, K, M, K, packed_b, R, scratch, R, 0);  /* its implicit barrier: scratch is whole */
-    gemm_shared(scratch, R, M, R, packed_a, N, y, N, bias);
+    gemm_shared(x, K, M, K, b, R, scratch, R, 0);  /* its implicit barrier: scratch is whole */
+    gemm_shared(scratch, R, M, R, a, N, y, N, bias);
 }
 
 /* y [M, N] = (x [M, K] · Bᵀ) · Aᵀ + bias with B [R, K], A [N, R] packed; scratch [M, R] holds
  * x·Bᵀ between the two phases (one parallel region, a barrier between them). */
-void lowrank_cpu_lowrank(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R,
-                         const float *packed_a, int64_t N, const float *bias, float *scratch, float *y, int threads)
+void lowrank_cpu_lowrank(const float *x, int64_t M, int64_t K, const cpu_weight *b, int64_t R,
+                         const cpu_weight *a, int64_t N, const float *bias, float *scratch, float *y, int threads)
 {
 #pragma omp parallel num_threads(threads)
-    lowrank_shared(x, M, K, packed_b, R, packed_a, N, bias, scratch, y);
+    lowrank_shared(x, M, K, b, R, a, N, bias, scratch, y);
 }

@@ -1,6 +1,7 @@
 """Linear layers on CPU with each weight repacked once, at load, for the kernel that serves it.
 
-Two kernels, chosen per weight by `pack`:
+Two kernels, chosen per weight by `pack` (and `pack_quantized` for int8 / int4 weights, which
+only the native kernel reads):
 
 - `native` (float32): our C kernel (kernels/cpu/gemm.c, built by `kernels.cpu.build`). It serves a
   factorised layer as one fused call, (x·Bᵀ)·Aᵀ with the rank-r intermediate kept in cache, where
@@ -17,14 +18,21 @@ The packed weight replaces the dense one, which is dropped, except where somethi
 
 from __future__ import annotations
 
+import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kernels.cpu import build as cpu_native
+from kernels.quant import Quantized, levels
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class WeightDescription(ctypes.Structure):  # cpu_weight in lowrank_cpu.h
+    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bits", ctypes.c_int64),
+                ("group", ctypes.c_int64)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +43,15 @@ class PackedWeight:
     out_features: int
     in_features: int
     kernel: str  # "native" (panels of [in, PANEL], kernels/cpu/gemm.c) or "onednn" (its blocked layout)
+    scales: torch.Tensor | None = None  # native int8 / int4: [panels, groups, PANEL] float32
+    bits: int = 32  # 32 (float), 8 or 4
+    group: int = 0
+    native: WeightDescription | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kernel == "native":  # what the C kernel reads, made once (it points into data and scales)
+            scales = self.scales.data_ptr() if self.scales is not None else None
+            object.__setattr__(self, "native", WeightDescription(self.data.data_ptr(), scales, self.bits, self.group))
 
 
 @functools.cache
@@ -73,14 +90,39 @@ def pack(weight: torch.Tensor, kernel: str | None = None) -> PackedWeight:
                          f"for {wanted} (CPU, float32 or bfloat16, 2-D; native needs a C compiler, onednn oneDNN)")
     out_f, in_f = weight.shape
     if chosen == "native":
-        panel = cpu_native.constant("PANEL")  # output columns per panel, as the library was built
-        panels = -(-out_f // panel)
-        padded = torch.zeros(panels * panel, in_f, dtype=weight.dtype)
-        padded[:out_f] = weight
-        data = padded.view(panels, panel, in_f).transpose(1, 2).contiguous()  # [panels, in, PANEL]
+        data = _panels(weight)
     else:
         data = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
     return PackedWeight(data, out_f, in_f, chosen)
+
+
+def _panels(rows: torch.Tensor) -> torch.Tensor:
+    """[out, cols] (any dtype) -> [panels, cols, PANEL], output rows zero-padded to whole panels."""
+    panel = cpu_native.constant("PANEL")  # output columns per panel, as the library was built
+    out_f, cols = rows.shape
+    panels = -(-out_f // panel)
+    padded = torch.zeros(panels * panel, cols, dtype=rows.dtype)
+    padded[:out_f] = rows
+    return padded.view(panels, panel, cols).transpose(1, 2).contiguous()
+
+
+def can_pack_quantized(qw: Quantized) -> bool:
+    """Whether the native kernel can serve `qw` (built here, float32 scales on the CPU)."""
+    return (cpu_native.library() is not None and qw.q.device.type == "cpu" and qw.scales.dtype == torch.float32
+            and qw.group % 2 == 0)
+
+
+def pack_quantized(qw: Quantized) -> PackedWeight:
+    """A quantised weight (kernels.quant) -> the native kernel's int8 / int4 panels and their scales."""
+    if not can_pack_quantized(qw):
+        raise ValueError(f"cannot pack an int{qw.bits} weight with {qw.scales.dtype} scales on {qw.q.device} for "
+                         "the native CPU kernel (it needs the library built here and float32 scales)")
+    q = levels(qw)  # int8 [out, cols]
+    out_f, cols = q.shape
+    if qw.bits == 4:  # inputs 2j and 2j+1 of each output in one byte, low nibble first, stored +8
+        even = torch.nn.functional.pad(q, (0, cols % 2)).to(torch.int16) + 8
+        q = (even[:, 0::2] | (even[:, 1::2] << 4)).to(torch.uint8)
+    return PackedWeight(_panels(q), out_f, cols, "native", _panels(qw.scales), qw.bits, qw.group)
 
 
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -115,7 +157,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     y = torch.empty(rows.shape[0], packed.out_features, dtype=rows.dtype)
     if rows.shape[0]:
         cpu_native.library().lowrank_cpu_linear(
-            rows.data_ptr(), rows.shape[0], packed.in_features, packed.data.data_ptr(), packed.out_features,
+            rows.data_ptr(), rows.shape[0], packed.in_features, ctypes.byref(packed.native), packed.out_features,
             _bias_pointer(bias, packed.out_features), y.data_ptr(), torch.get_num_threads())
     return _like_input(y, x)
 
@@ -134,7 +176,7 @@ def packed_lowrank(x: torch.Tensor, packed_B: PackedWeight, packed_A: PackedWeig
     if m:
         scratch = torch.empty(m, rank, dtype=rows.dtype)
         cpu_native.library().lowrank_cpu_lowrank(
-            rows.data_ptr(), m, packed_B.in_features, packed_B.data.data_ptr(), rank, packed_A.data.data_ptr(),
-            packed_A.out_features, _bias_pointer(bias, packed_A.out_features), scratch.data_ptr(), y.data_ptr(),
-            torch.get_num_threads())
+            rows.data_ptr(), m, packed_B.in_features, ctypes.byref(packed_B.native), rank,
+            ctypes.byref(packed_A.native), packed_A.out_features, _bias_pointer(bias, packed_A.out_features),
+            scratch.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return _like_input(y, x)

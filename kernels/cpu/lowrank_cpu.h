@@ -21,10 +21,18 @@
                               * the same path on every machine */
 
 typedef struct {
-    const float *weight;    /* dense W [N, K] as panels (gemm.c); NULL when factorised */
-    const float *down, *up; /* factorised: B [R, K] and A [N, R] as panels */
-    const float *bias;      /* [N] or NULL */
-    int64_t rank;           /* R; 0 when dense */
+    const void *data;     /* W [N, K] as panels (gemm.c): float [K][PANEL], int8 levels [K][PANEL], or
+                           * int4 levels [ceil(K/2)][PANEL] bytes (k even in the low nibble, stored +8) */
+    const float *scales;  /* int8 / int4: [panels][ceil(K/group)][PANEL], one per group of inputs; else NULL */
+    int64_t bits;         /* 32 (float), 8 or 4 */
+    int64_t group;        /* inputs per scale (even); 0 for float */
+} cpu_weight;
+
+typedef struct {
+    cpu_weight weight;    /* dense W [N, K]; data NULL when factorised */
+    cpu_weight down, up;  /* factorised: B [R, K] and A [N, R] */
+    const float *bias;    /* [N] or NULL */
+    int64_t rank;         /* R; 0 when dense */
 } cpu_linear;
 
 typedef struct {
@@ -37,8 +45,8 @@ typedef struct {
 
 /* exported: one prototype per line, the only lines build.py reads */
 int64_t lowrank_cpu_constant(const char *name);
-void lowrank_cpu_linear(const float *x, int64_t M, int64_t K, const float *packed, int64_t N, const float *bias, float *y, int threads);
-void lowrank_cpu_lowrank(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R, const float *packed_a, int64_t N, const float *bias, float *scratch, float *y, int threads);
+void lowrank_cpu_linear(const float *x, int64_t M, int64_t K, const cpu_weight *w, int64_t N, const float *bias, float *y, int threads);
+void lowrank_cpu_lowrank(const float *x, int64_t M, int64_t K, const cpu_weight *b, int64_t R, const cpu_weight *a, int64_t N, const float *bias, float *scratch, float *y, int threads);
 void lowrank_cpu_rmsnorm(const float *x, const float *w, int64_t T, int64_t C, float eps, float *y, int threads);
 void lowrank_cpu_rope(const float *x, const float *cos_table, const float *sin_table, int64_t T, int64_t H, int64_t D, float *y, int threads);
 int lowrank_cpu_paged_decode_supports(int64_t Hq, int64_t Hkv, int64_t D);
@@ -87,12 +95,12 @@ static inline vec exp_nonpositive(vec x)
 }
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · Wᵀ + bias (may be NULL), W packed as panels. */
-HIDDEN void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const float *packed, int64_t N, float *y,
+HIDDEN void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const cpu_weight *w, int64_t N, float *y,
                         int64_t ldy, const float *bias);
 
 /* y [M, N] = (x [M, K] · Bᵀ) · Aᵀ + bias, B [R, K] and A [N, R] packed; scratch [M, R] holds x·Bᵀ. */
-HIDDEN void lowrank_shared(const float *x, int64_t M, int64_t K, const float *packed_b, int64_t R,
-                           const float *packed_a, int64_t N, const float *bias, float *scratch, float *y);
+HIDDEN void lowrank_shared(const float *x, int64_t M, int64_t K, const cpu_weight *b, int64_t R,
+                           const cpu_weight *a, int64_t N, const float *bias, float *scratch, float *y);
 
 /* The paged decode attention over (sequence, KV head) pairs; the tables already checked. */
 HIDDEN void paged_decode_shared(const float *q, const float *k_cache, const float *v_cache,
