@@ -4,6 +4,7 @@ Each Triton kernel sits beside its plain-torch reference (`lowrank_gemm.py`, `pa
 `latent_attention.py`: the launchers are `*_triton`, the references `*_ref`); the native C
 kernels that stand in for them on CPUs are under `cpu/`. The dispatchers here keep the plain
 names: `lowrank_gemm` (the engine's `LowRankLinear`, the SoCo and healing trainers),
+`quantized_linear` / `quantized_lowrank` (the same with int8 / int4 weights, `kernels.quant`),
 `paged_attention` (the engine's attention over its paged KV cache) and `latent_attention` (the
 same over a LoRC latent cache). What runs where is one `Backend` object per path
 (`kernels.backend`: Triton, the native CPU kernels, or the torch references), chosen from the
@@ -16,8 +17,10 @@ import torch
 
 from .backend import BACKEND_ENV, BACKENDS, TRITON, Backend, backend_name, select
 from .latent_attention import latent_attention_ref, latent_decode_refusal, latent_decode_supported, latent_decode_triton
-from .lowrank_gemm import lowrank_gemm_ref, lowrank_gemm_triton
+from .lowrank_gemm import (lowrank_gemm_ref, lowrank_gemm_triton, quantized_linear_ref, quantized_linear_triton,
+                           quantized_lowrank_ref, quantized_lowrank_triton)
 from .paged_attention import paged_attention_ref, paged_decode_supported, paged_decode_triton
+from .quant import Quantized
 
 BACKEND = backend_name()
 
@@ -39,6 +42,21 @@ def lowrank_gemm(
     if backend_for(x.device).runs_gemm(x):
         return lowrank_gemm_triton(x, A, B, bias, scale, rank)
     return lowrank_gemm_ref(x, A, B, bias, scale, rank)
+
+
+def quantized_linear(x: torch.Tensor, W: Quantized, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ + bias for a group-quantised W (kernels.quant): the Triton kernel dequantises as it
+    loads, the reference first (also where x needs gradients: the kernels have none)."""
+    if backend_for(x.device).runs_gemm(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        return quantized_linear_triton(x, W, bias)
+    return quantized_linear_ref(x, W, bias)
+
+
+def quantized_lowrank(x: torch.Tensor, A: Quantized, B: Quantized, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x·Bᵀ)·Aᵀ + bias for group-quantised factors, dispatched as `quantized_linear`."""
+    if backend_for(x.device).runs_gemm(x) and not (torch.is_grad_enabled() and x.requires_grad):
+        return quantized_lowrank_triton(x, A, B, bias)
+    return quantized_lowrank_ref(x, A, B, bias)
 
 
 def paged_attention(
@@ -119,4 +137,5 @@ def latent_decode_kernel_applies(q: torch.Tensor, ck_cache: torch.Tensor, query_
 
 __all__ = ["BACKEND", "BACKEND_ENV", "BACKENDS", "Backend", "backend_for", "lowrank_gemm", "lowrank_gemm_ref", "lowrank_gemm_triton", "paged_attention",
            "paged_attention_ref", "paged_decode_triton", "decode_kernel_applies", "latent_attention",
-           "latent_attention_ref", "latent_decode_triton", "latent_decode_kernel_applies", "device_lens"]
+           "latent_attention_ref", "latent_decode_triton", "latent_decode_kernel_applies", "device_lens",
+           "quantized_linear", "quantized_lowrank"]

@@ -22,6 +22,7 @@ import triton.language as tl
 import triton.testing
 
 from .interpreter import INTERPRET
+from .quant import Quantized, dequantize
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Split `in` until the shrink grid has about this many programs per SM.
@@ -66,17 +67,32 @@ EXPAND_CONFIGS = _configs(
 )
 
 
+@triton.jit
+def _dequantized(q_ptr, d_ptr, rows, cols, stride_q, stride_d, mask, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """The float32 weights at (rows, cols) (broadcast index tensors) of a group-quantised matrix
+    (kernels.quant): int8 levels [rows, cols], or int4 levels two per byte along cols (the even
+    column in the low nibble, stored +8), times the scale of each one's group of GROUP columns."""
+    if BITS == 8:
+        q = tl.load(q_ptr + rows * stride_q + cols, mask=mask, other=0).to(tl.float32)
+    else:
+        packed = tl.load(q_ptr + rows * stride_q + cols // 2, mask=mask, other=8).to(tl.int32)
+        q = ((packed >> ((cols % 2) * 4)) & 15).to(tl.float32) - 8.0
+    return q * tl.load(d_ptr + rows * stride_d + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
+
+
 @triton.autotune(SHRINK_CONFIGS, key=["M_BUCKET", "R", "K", "SPLITS"], prune_configs_by={"early_config_prune": _prune_rows},
                  do_bench=_quick_bench)
 @triton.jit
 def _shrink_kernel(
-    x_ptr, w_ptr, s_ptr, t_ptr,
+    x_ptr, w_ptr, s_ptr, t_ptr, d_ptr,
     M, R, K, K_PER_SPLIT, M_BUCKET, SPLITS,
-    stride_xm, stride_xk, stride_wr, stride_wk, stride_ts, stride_tm,
+    stride_xm, stride_xk, stride_wr, stride_wk, stride_ts, stride_tm, stride_dr,
     HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """t[split, m, r] = sum over this split's k of x[m, k]·w[r, k], times s[r]."""
+    """t[split, m, r] = sum over this split's k of x[m, k]·w[r, k], times s[r]; w float, or
+    (BITS 8 / 4) group-quantised levels dequantised here with their scales d[r, k // GROUP]."""
     pid_m, pid_r, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -88,8 +104,13 @@ def _shrink_kernel(
         in_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m < M)[:, None] & in_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptr + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk,
-                    mask=(offs_r < R)[None, :] & in_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_R)
+        w_mask = (offs_r < R)[None, :] & in_k[:, None]
+        if BITS == 32:
+            w = tl.load(w_ptr + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk,
+                        mask=w_mask, other=0.0)  # (BLOCK_K, BLOCK_R)
+        else:
+            w = _dequantized(w_ptr, d_ptr, offs_r[None, :], offs_k[:, None], stride_wr, stride_dr, w_mask,
+                             BITS, GROUP).to(x.dtype)
         if UPCAST:  # the interpreter's bf16 dot is wrong: do it in fp32 there
             x, w = x.to(tl.float32), w.to(tl.float32)
         if IEEE:  # fp32 inputs: no silent TF32
@@ -106,13 +127,15 @@ def _shrink_kernel(
                  do_bench=_quick_bench)
 @triton.jit
 def _expand_kernel(
-    t_ptr, a_ptr, bias_ptr, y_ptr,
+    t_ptr, a_ptr, bias_ptr, y_ptr, d_ptr,
     M, N, R, M_BUCKET, SPLITS,
-    stride_ts, stride_tm, stride_an, stride_ar, stride_ym,
+    stride_ts, stride_tm, stride_an, stride_ar, stride_ym, stride_dn,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """y[m, n] = sum_r (sum over splits of t[split, m, r])·a[n, r] + bias[n]."""
+    """y[m, n] = sum_r (sum over splits of t[split, m, r])·a[n, r] + bias[n]; a float, or (BITS 8 / 4)
+    group-quantised levels dequantised here with their scales d[n, r // GROUP], in y's dtype."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,8 +147,13 @@ def _expand_kernel(
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for s in range(0, SPLITS):
             t += tl.load(t_ptrs + s * stride_ts, mask=t_mask, other=0.0)
-        a = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None] * stride_ar,
-                    mask=(offs_n < N)[None, :] & (offs_r < R)[:, None], other=0.0)  # (BLOCK_R, BLOCK_N)
+        a_mask = (offs_n < N)[None, :] & (offs_r < R)[:, None]
+        if BITS == 32:
+            a = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None] * stride_ar,
+                        mask=a_mask, other=0.0)  # (BLOCK_R, BLOCK_N)
+        else:
+            a = _dequantized(a_ptr, d_ptr, offs_n[None, :], offs_r[:, None], stride_an, stride_dn, a_mask,
+                             BITS, GROUP).to(y_ptr.dtype.element_ty)
         if UPCAST:
             a = a.to(tl.float32)
         else:  # t meets A in A's dtype, as it would between two cuBLAS GEMMs
@@ -156,9 +184,19 @@ def _flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "IEEE": upcast or dtype == torch.float32}
 
 
-def _shrink(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K], w [R, K] (any strides) -> fp32 partials [splits, M, R] with (x·wᵀ) ⊙ scale = their sum."""
-    (M, K), R = x.shape, w.shape[0]
+def _quant_args(w: torch.Tensor | Quantized) -> tuple:
+    """(levels or float weight, its scales or None, scales' row stride, BITS, GROUP) for a launch."""
+    if isinstance(w, Quantized):
+        return w.q, w.scales, w.scales.stride(0), w.bits, w.group
+    return w, None, 0, 32, 1
+
+
+def _shrink(x: torch.Tensor, w: torch.Tensor | Quantized, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K], w [R, K] (float with any strides, or quantised) -> fp32 partials [splits, M, R]
+    with (x·wᵀ) ⊙ scale = their sum."""
+    M, K = x.shape
+    R = w.q.shape[0] if isinstance(w, Quantized) else w.shape[0]
+    w, scales, stride_d, bits, group = _quant_args(w)
     row_blocks, rank_blocks = triton.cdiv(M, 64 if M > 16 else 16), triton.cdiv(R, 64)
     wanted = max(1, PROGRAMS_PER_SM * _sm_count(x.device) // (row_blocks * rank_blocks))
     k_per_split = triton.cdiv(triton.cdiv(K, min(wanted, triton.cdiv(K, SPLIT_ALIGN))), SPLIT_ALIGN) * SPLIT_ALIGN
@@ -166,25 +204,29 @@ def _shrink(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> tor
     t = torch.empty(splits, M, R, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]), splits)  # noqa: E731
     _shrink_kernel[grid](
-        x, w, scale if scale is not None else t, t,
+        x, w, scale if scale is not None else t, t, scales if scales is not None else t,
         M, R, K, k_per_split, _bucket(M), splits,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1),
-        HAS_SCALE=scale is not None, **_flags(x.dtype),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1), stride_d,
+        HAS_SCALE=scale is not None, BITS=bits, GROUP=group, **_flags(x.dtype),
     )
     return t
 
 
-def _expand(t: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 partials t [splits, M, R], a [N, R] (any strides) -> y [M, N] = (Σ t)·aᵀ + bias in a's dtype."""
+def _expand(t: torch.Tensor, a: torch.Tensor | Quantized, bias: torch.Tensor | None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Partials t [splits, M, R] (fp32, or one split in any float dtype), a [N, R] (float with any
+    strides, or quantised) -> y [M, N] = (Σ t)·aᵀ + bias in a's dtype (a quantised a: `dtype`)."""
     splits, M, R = t.shape
-    N = a.shape[0]
-    y = torch.empty(M, N, device=t.device, dtype=a.dtype)
+    N = a.q.shape[0] if isinstance(a, Quantized) else a.shape[0]
+    a, scales, stride_d, bits, group = _quant_args(a)
+    dtype = a.dtype if bits == 32 else dtype
+    y = torch.empty(M, N, device=t.device, dtype=dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _expand_kernel[grid](
-        t, a, bias if bias is not None else y, y,
+        t, a, bias if bias is not None else y, y, scales if scales is not None else y,
         M, N, R, _bucket(M), splits,
-        t.stride(0), t.stride(1), a.stride(0), a.stride(1), y.stride(0),
-        HAS_BIAS=bias is not None, **_flags(a.dtype),
+        t.stride(0), t.stride(1), a.stride(0), a.stride(1), y.stride(0), stride_d,
+        HAS_BIAS=bias is not None, BITS=bits, GROUP=group, **_flags(dtype),
     )
     return y
 
@@ -324,3 +366,49 @@ def lowrank_gemm_triton(
     x2 = x.reshape(-1, x.shape[-1])
     y = _expand(_shrink(x2, B[:r], scale), A[:, :r], bias)
     return y.reshape(*x.shape[:-1], A.shape[0])
+
+
+def quantized_linear_ref(x: torch.Tensor, W: Quantized, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> x·Wᵀ + bias for a group-quantised W [out, in] (kernels.quant), dequantised in x's dtype."""
+    y = x @ dequantize(W, x.dtype).T
+    return y if bias is None else y + bias
+
+
+def quantized_lowrank_ref(x: torch.Tensor, A: Quantized, B: Quantized, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> (x·Bᵀ)·Aᵀ + bias for group-quantised factors, dequantised in x's dtype."""
+    return lowrank_gemm_ref(x, dequantize(A, x.dtype), dequantize(B, x.dtype), bias)
+
+
+def _check_quantized(x: torch.Tensor, *weights: Quantized) -> torch.Tensor:
+    """x as contiguous rows [M, in] for the kernels, after checking what they read."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernel takes {KERNEL_DTYPES}, got x {tuple(x.shape)} {x.dtype}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1, got x on {x.device}")
+    for w in weights:
+        if w.q.stride(-1) != 1 or w.scales.stride(-1) != 1 or w.q.device != x.device:
+            raise ValueError(f"quantised weights must be contiguous along their inputs and on {x.device}")
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def quantized_linear_triton(x: torch.Tensor, W: Quantized, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path of `quantized_linear_ref` (inference: no gradients). The shrink kernel with
+    the weight's levels in place of B: split along `in` at decode sizes, the partials summed."""
+    if x.shape[-1] != W.cols:
+        raise ValueError(f"x {tuple(x.shape)} must be [..., {W.cols}] for W [{W.q.shape[0]}, {W.cols}]")
+    x2 = _check_quantized(x, W)
+    y = _shrink(x2, W, None).sum(0)
+    y = (y if bias is None else y + bias).to(x.dtype)
+    return y.reshape(*x.shape[:-1], W.q.shape[0])
+
+
+def quantized_lowrank_triton(x: torch.Tensor, A: Quantized, B: Quantized,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path of `quantized_lowrank_ref` (inference): both factors dequantised in the
+    shrink and expand kernels as they load them."""
+    if x.shape[-1] != B.cols or A.cols != B.q.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)}, A [{A.q.shape[0]}, {A.cols}] and B [{B.q.shape[0]}, {B.cols}] "
+                         "do not chain as (x·Bᵀ)·Aᵀ")
+    x2 = _check_quantized(x, A, B)
+    y = _expand(_shrink(x2, B, None), A, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], A.q.shape[0])

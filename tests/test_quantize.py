@@ -14,8 +14,9 @@ from converters.lorc import LoRCConfig, lorc
 from converters.quantize import QuantConfig, quantize_folder
 from engine import LLM, SamplingParams, load_model
 from engine.model.checkpoint import read_manifest
-from engine.model.cpu_serving import to_cpu_serving
+from engine.model.cpu_serving import NativeDecoderLayer, to_cpu_serving
 from engine.model.layers import QuantLinear, QuantLowRankLinear
+from kernels.cpu import build as cpu_native
 from kernels.quant import Quantized, column_prefix, dequantize, quantize, row_prefix
 
 VOCAB = 101
@@ -143,6 +144,9 @@ def test_engine_greedy_with_int8_equals_the_reference(folders, tmp_path, cpu_ker
     quantize_folder(compressed, tmp_path / "q", QuantConfig(bits=8, group=32))
     reference = _reference(dense, _dequantized_matrices(tmp_path / "q"))
     llm = LLM(tmp_path / "q", dtype="float32", device="cpu")
+    if cpu_native.library() is not None:  # served from the levels: the native decoder layer reads int8 panels
+        layer = llm.model.model.layers[0]
+        assert isinstance(layer, NativeDecoderLayer) and layer.mlp.down_proj.packed[0].bits == 8
     prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in (5, 11, 17)]
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     for prompt, out in zip(prompts, outputs):

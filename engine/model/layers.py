@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import lowrank_gemm
+from kernels import lowrank_gemm, quantized_linear, quantized_lowrank
 from kernels.quant import Quantized, dequantize, n_groups, stored_cols
 
 
@@ -65,8 +65,10 @@ class LowRankLinear(nn.Module):
 class _QuantStore:
     """Group-quantised matrices (`kernels.quant`) held as buffers `<leaf>_q` (int8 levels, or int4
     packed two per byte in uint8) and `<leaf>_scales` (one per group of input channels), the names
-    they have in the checkpoint. The float matrix is rebuilt on each use, in the scales' dtype (the
-    serving dtype): the reference path. Kernels that read the levels directly replace the module."""
+    they have in the checkpoint. `forward` goes through the kernels' dispatch (the Triton kernels
+    dequantise as they load); the float matrices (`weight`, `A`, `B`) are rebuilt on each use, in
+    the scales' dtype (the serving dtype), for every other reader. The CPU serving form replaces
+    the module with the native kernel's packed levels."""
 
     bits: int
     group: int
@@ -97,6 +99,9 @@ class QuantLinear(_QuantStore, Linear):
     def weight(self) -> torch.Tensor:
         return self._dequantized("weight", self.in_features)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.quantized("weight", self.in_features), self.bias)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, int{self.bits}, group={self.group}"
 
@@ -120,6 +125,9 @@ class QuantLowRankLinear(_QuantStore, LowRankLinear):
     @property
     def B(self) -> torch.Tensor:  # noqa: N802
         return self._dequantized("B", self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_lowrank(x, self.quantized("A", self.rank), self.quantized("B", self.in_features), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, int{self.bits}, group={self.group}"
