@@ -117,8 +117,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     heal_config = None if args.heal_steps is None else _heal_config(args, args.heal_steps, calib, device)
     if heal_config is not None and heal_config.max_ratio is not None and heal_config.max_ratio < args.ratio:
         raise UsageError(f"--max-ratio {heal_config.max_ratio} is below --ratio {args.ratio}")
-    if args.group is not None and args.bits is None:
-        raise UsageError("--group belongs to quantisation: give --bits too")
+    if (args.group is not None or args.rounding is not None) and args.bits is None:
+        raise UsageError(f"{'--group' if args.group is not None else '--rounding'} belongs to quantisation: "
+                         "give --bits too")
     quant_config = None if args.bits is None else _quant_config(path, args)
 
     def finish(produce) -> dict | None:
@@ -221,13 +222,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _quant_config(folder: Path, args: argparse.Namespace):
-    """--bits / --group checked against the folder's widths before any work."""
+    """--bits, --group and --rounding (with the calibration options GPTQ reads) checked against the
+    folder's widths before any work."""
     from engine import ModelConfig
 
-    from .quantize import QuantConfig, check_widths
+    from .quantize import DEFAULT_ROUNDING, QuantConfig, check_widths
 
     ModelConfig.from_folder(folder)  # a missing or unsupported model fails first
-    config = QuantConfig(bits=args.bits, group=args.group)
+    rounding = args.rounding or DEFAULT_ROUNDING[args.bits]
+    calib = None
+    if rounding == "gptq":
+        calib = str(Path(args.calib) if args.calib else default_text(DEFAULT_CALIB, "--calib"))
+    config = QuantConfig(bits=args.bits, group=args.group, rounding=rounding, calib=calib, samples=args.samples,
+                         seq_len=args.seq_len, device=args.device or "cpu", seed=args.seed)
     check_widths(folder, config.group)
     return config
 
@@ -394,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="store a folder's decoder linears (dense or factorised) as int8 / int4")
     p.add_argument("folder", help="a model folder (dense, compressed, healed or with latent K/V), or a pulled name")
     _add_quant_options(p, required=True)
+    p.add_argument("--calib", help="gptq: calibration text (default: ../shared/corpus/pydocs/train.txt)")
+    p.add_argument("--samples", type=positive_int, default=128, help="gptq: calibration windows (default 128)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="gptq: tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu or cuda for the calibration pass (default cpu)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=cmd_quantize)
@@ -456,6 +468,8 @@ def _add_quant_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="weight-only int8 or int4 for every decoder linear" + ("" if required else " (last stage)"))
     p.add_argument("--group", type=positive_int,
                    help="input channels per scale; must divide every layer's input width (default 64 int8, 32 int4)")
+    p.add_argument("--rounding", choices=["rtn", "gptq"],
+                   help="round-to-nearest, or GPTQ's error feedback on calibration inputs (default rtn int8, gptq int4)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

@@ -12,8 +12,14 @@ quantised module and the settings once, under `quantization`.
 
 Defaults (`DEFAULT_GROUP`): int8 groups of 64, int4 groups of 32, chosen on held-out perplexity in
 bench/results/quant-rtn.md (int8 at 64 costs no more than at 32 and stores half the scales).
-Rounding is round-to-nearest. A group must divide every dense input width, so that no dense row
-ends in a short group (factor ranks are whatever bake chose and may end in one).
+A group must divide every dense input width, so that no dense row ends in a short group (factor
+ranks are whatever bake chose and may end in one).
+
+Rounding (`ROUNDINGS`): round-to-nearest, or GPTQ (`converters.gptq`) on the input Grams of
+calibration windows of the calibration text (the statistics SVD-LLM's whitening uses): a dense
+weight on its input's Gram H; a factor pair B first, on H, then A on the Gram of its own input,
+B̂·H·B̂ᵀ (B̂ the quantised B: A compensates what B's rounding did). `DEFAULT_ROUNDING` per bit
+width is what measured better (bench/results/quant-rtn.md).
 """
 
 from __future__ import annotations
@@ -24,32 +30,68 @@ from pathlib import Path
 
 import torch
 
+from tqdm import tqdm
+
+from engine import load_model
 from engine.model.checkpoint import FORMAT_VERSION, read_manifest
 from engine.model.config import ModelConfig
 from engine.model.llama import CausalLM
-from kernels.quant import check_format, quantize
+from engine.model.loader import load_tokenizer
+from kernels.quant import Quantized, check_format, dequantize, quantize
 
 from .bake import dense_manifest, read_tensors, write_folder_atomically
-from .calibrate import decoder_linears
+from .calibrate import collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
+from .gptq import DAMP, gptq_quantize
 
 DEFAULT_GROUP = {8: 64, 4: 32}
-ROUNDING = "rtn"
+ROUNDINGS = ("rtn", "gptq")
+DEFAULT_ROUNDING = {8: "rtn", 4: "gptq"}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     bits: int = 8
     group: int | None = None  # None: DEFAULT_GROUP[bits]
+    rounding: str | None = None  # None: DEFAULT_ROUNDING[bits]
+    calib: str | None = None  # gptq: the calibration text
+    samples: int = 128  # gptq: calibration windows
+    seq_len: int = 512  # gptq: tokens per window
+    damp: float = DAMP  # gptq: λ, as a fraction of the Gram's mean diagonal
+    device: str = "cpu"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.group is None:
             object.__setattr__(self, "group", DEFAULT_GROUP.get(self.bits, 0))
         check_format(self.bits, self.group)
+        if self.rounding is None:
+            object.__setattr__(self, "rounding", DEFAULT_ROUNDING[self.bits])
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.rounding == "gptq" and not self.calib:
+            raise ValueError("gptq rounding needs a calibration text (calib)")
+        if self.samples < 1 or self.seq_len < 1 or not 0 < self.damp < 1:
+            raise ValueError(f"samples and seq_len must be positive and damp in (0, 1), got "
+                             f"{self.samples}, {self.seq_len}, {self.damp}")
 
 
 def quantized_leaves(module: dict) -> tuple[str, ...]:
-    """The stored matrices of a manifest module entry: A and B when factorised, else the weight."""
-    return ("A", "B") if module["factorized"] else ("weight",)
+    """The stored matrices of a manifest module entry: B and A when factorised, else the weight."""
+    return ("B", "A") if module["factorized"] else ("weight",)
+
+
+def calibration_grams(folder: Path, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """The input Gram of every decoder linear of `folder` on calibration windows (converters.calibrate)."""
+    model = load_model(folder, dtype=torch.float32, device=config.device)
+    windows = sample_windows(tokenize_file(load_tokenizer(folder), config.calib), config.samples, config.seq_len,
+                             config.seed)
+    return {k: g.cpu() for k, g in collect_grams(model, windows).items()}
+
+
+def _round(w: torch.Tensor, gram: torch.Tensor | None, config: QuantConfig) -> Quantized:
+    if gram is None:
+        return quantize(w, config.bits, config.group)
+    return gptq_quantize(w, gram, config.bits, config.group, config.damp)
 
 
 def check_widths(folder: Path, group: int) -> None:
@@ -73,10 +115,11 @@ def _shapes_only(folder: Path) -> CausalLM:
 def quantized_problem(folder: Path, manifest: dict | None, stage: str) -> str | None:
     """Quantisation is the last stage: why `stage` cannot read `folder` (None when it can). A stage
     that reads the float matrices back would train or factorise a rounded copy."""
-    if manifest and (q := manifest.get("quantization")):
-        return (f"{folder} is quantised (int{q['bits']}); {stage} the unquantised folder, "
-                "then quantise the result (`lowrank quantize`)")
-    return None
+    if not manifest or not (q := manifest.get("quantization")):
+        return None
+    if stage == "quantise":
+        return f"{folder} is already quantised (int{q['bits']}, groups of {q['group']}): quantise the unquantised folder"
+    return f"{folder} is quantised (int{q['bits']}); {stage} the unquantised folder, then quantise the result"
 
 
 def refuse_quantized(folder: Path, manifest: dict | None, stage: str) -> None:
@@ -94,17 +137,22 @@ def quantize_folder(source: str | Path, out: str | Path, config: QuantConfig) ->
     check_widths(source, config.group)
     if manifest is None:
         manifest = dense_manifest(source, _shapes_only(source)) | {"achieved_ratio": 0.0, "model_ratio": 0.0, "kv_latent": None}
+    grams = calibration_grams(source, config) if config.rounding == "gptq" else None
     tensors = read_tensors(source)
     bytes_before = sum(t.nbytes for t in tensors.values())
-    for name, m in manifest["modules"].items():
-        for leaf in quantized_leaves(m):
-            qw = quantize(tensors.pop(f"{name}.{leaf}"), config.bits, config.group)
+    for name, m in tqdm(manifest["modules"].items(), desc=f"quantize ({config.rounding})", unit="linear"):
+        gram = None if grams is None else grams[gram_key(name)]
+        for leaf in quantized_leaves(m):  # B before A: A's Gram is B's output's
+            qw = _round(tensors.pop(f"{name}.{leaf}"), gram, config)
             tensors[f"{name}.{leaf}_q"], tensors[f"{name}.{leaf}_scales"] = qw.q, qw.scales
+            if gram is not None and leaf == "B":
+                B = dequantize(qw, torch.float64)
+                gram = B @ gram @ B.T
         m |= {"bits": config.bits, "group": config.group}
     bytes_after = sum(t.nbytes for t in tensors.values())
     manifest["format_version"] = FORMAT_VERSION
     manifest["quantization"] = asdict(config) | {
-        "rounding": ROUNDING, "scales": "float32",
+        "scales": "float32",
         "bytes": {"before": bytes_before, "after": bytes_after},  # all of the folder's tensors
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -72,18 +72,36 @@ def quantize(w: torch.Tensor, bits: int, group: int) -> Quantized:
         raise ValueError(f"quantize takes a 2-D weight, got shape {tuple(w.shape)}")
     out, cols = w.shape
     g = _grouped(w.detach().to(torch.float64), group)
+    d = group_scale(g, bits)
+    q = round_to_levels(g, d.unsqueeze(-1), bits).view(out, -1)[:, :cols]
+    return from_levels(q, d, bits, group)
+
+
+LEVELS = {8: (-127, 127), 4: (-8, 7)}
+
+
+def group_scale(g: torch.Tensor, bits: int) -> torch.Tensor:
+    """The scale d of each group of weights g [..., group] (zeros pad a short group), in float64
+    but rounded to the float32 it is stored as, so the levels are rounded against the served scale."""
     if bits == 8:
         d = g.abs().amax(dim=-1) / 127
-        lo, hi = -127, 127
     else:
         idx = g.abs().argmax(dim=-1, keepdim=True)
         d = -g.gather(-1, idx).squeeze(-1) / 8
-        lo, hi = -8, 7
+    return d.to(torch.float32).to(torch.float64)
+
+
+def round_to_levels(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Tensor:
+    """round(w / d) clamped to the format's levels, int8 (d broadcasts against w; d = 0 gives 0)."""
+    lo, hi = LEVELS[bits]
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.round(g * inv.unsqueeze(-1)).clamp_(lo, hi).view(out, -1)[:, :cols].to(torch.int8)
-    if bits == 4:
-        q = _pack4(q)
-    return Quantized(q.contiguous(), d.to(torch.float32).contiguous(), bits, group, cols)
+    return torch.round(w * inv).clamp_(lo, hi).to(torch.int8)
+
+
+def from_levels(q: torch.Tensor, d: torch.Tensor, bits: int, group: int) -> Quantized:
+    """Integer levels int8 [out, cols] and their scales [out, ⌈cols/group⌉] as the stored format."""
+    cols = q.shape[1]
+    return Quantized((_pack4(q) if bits == 4 else q).contiguous(), d.to(torch.float32).contiguous(), bits, group, cols)
 
 
 def _pack4(q: torch.Tensor) -> torch.Tensor:
