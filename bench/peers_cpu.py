@@ -1,0 +1,265 @@
+"""Against llama.cpp on this CPU, in one run: decode throughput at batch 1, 16 and 64 and held-out
+perplexity of llama.cpp's GGUFs of the dense SmolLM2 (F32, F16, Q8_0, Q4_K_M, Q3_K_M) and of ours
+(dense and a compressed folder, each in fp32, int8 and int4), 2 threads each.
+
+    bash bench/peers/llama_cpp.sh                # once per machine: builds llama.cpp, makes the GGUFs
+    .venv/bin/python bench/peers_cpu.py [--compressed FOLDER] [--rounds 3] [--skip-perplexity]
+
+Decode tok/s: 64-token prompts, `--new-tokens` greedy tokens per sequence, EOS ignored. llama.cpp:
+`llama-batched-bench`'s S_TG (its decode throughput over all sequences). Ours: the engine's
+`LLM.generate`, with the prefill taken out the same way: B·(N − 1) / (t(N) − t(1)), t(n) the
+wall time of generating n tokens for the batch. Contenders alternate within each round (this VM
+drifts by ±10 % between minutes) and each figure is the median over rounds.
+
+Perplexity on the whole valid.txt: ours with disjoint 512-token windows (`lowrank eval`'s
+default) and with stride 256 (each scored token sees ≥ 256 tokens of context), the latter to set
+beside `llama-perplexity -c 512`, which scores the second half of each 512-token window. Each is
+compared with its own unquantised reference (llama.cpp's F16, our fp32 dense), as ../shared/PEERS.md
+says. Bytes are whole-model file bytes (GGUF; our safetensors). The DRAM bandwidth measured here
+bounds decode at batch 1: tok/s ≤ bandwidth / bytes read per step.
+
+Our int8 folders round to nearest in groups of 64, int4 by GPTQ in groups of 32 (`lowrank
+quantize` defaults), made under models/peers/ when missing. Writes bench/results/peers-cpu.json,
+.md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from converters.calibrate import tokenize_file  # noqa: E402
+from converters.pull import pull  # noqa: E402
+from converters.quantize import QuantConfig, quantize_folder  # noqa: E402
+from engine.eval.perplexity import perplexity  # noqa: E402
+from environment import cpu, environment  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
+PEERS = REPO / "models" / "peers"
+PROMPT_LEN = 64
+THREADS = 2
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m", "q3_k_m")
+
+
+def peer_cache() -> Path:
+    """The folder bench/peers/llama_cpp.sh filled (it prints it); a clear error where it has not run."""
+    try:
+        out = subprocess.run(["bash", str(REPO / "bench" / "peers" / "llama_cpp.sh")], capture_output=True, text=True,
+                             check=True, timeout=7200).stdout.strip().splitlines()
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"bench/peers/llama_cpp.sh failed:\n{exc.stderr[-2000:]}") from None
+    return Path(out[-1])
+
+
+def our_folders(dense: Path, compressed: Path | None) -> dict[str, Path]:
+    """name -> folder: dense and `compressed`, each in fp32 and quantised (made once under models/peers)."""
+    formats = {"int8": QuantConfig(bits=8), "int4": QuantConfig(bits=4, calib=str(CORPUS / "train.txt"))}
+    folders = {}
+    for base_name, base in (("dense", dense), ("compressed", compressed)):
+        if base is None:
+            continue
+        folders[f"ours {base_name} fp32"] = base
+        for label, config in formats.items():
+            out = PEERS / f"{base.name}-{label}"
+            if not (out / "lowrank.json").is_file():
+                quantize_folder(base, out, config)
+            folders[f"ours {base_name} {label}"] = out
+    return folders
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+class Ours:
+    """One engine per folder, loaded once; decode throughput with the prefill taken out."""
+
+    def __init__(self, folder: Path, batches: list[int], new_tokens: int):
+        from engine import LLM
+
+        self.llm = LLM(folder, dtype="float32", device="cpu", max_num_seqs=max(batches),
+                       max_model_len=PROMPT_LEN + new_tokens + 16, max_num_batched_tokens=max(batches) * PROMPT_LEN,
+                       enable_prefix_caching=False)
+        self.vocab = self.llm.model.config.vocab_size
+
+    def decode_tok_s(self, batch: int, new_tokens: int) -> float:
+        from engine import SamplingParams
+
+        gen = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(100, min(40000, self.vocab), (batch, PROMPT_LEN), generator=gen).tolist()
+
+        def timed(n: int) -> float:
+            start = time.perf_counter()
+            self.llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+            return time.perf_counter() - start
+
+        timed(2)  # warm: first-call allocations
+        return batch * (new_tokens - 1) / (timed(new_tokens) - timed(1))
+
+
+def llama_decode(bin_dir: Path, gguf: Path, batches: list[int], new_tokens: int) -> dict[int, float]:
+    """llama-batched-bench's S_TG t/s per batch size, one call for all of them."""
+    ctx = max(batches) * (PROMPT_LEN + new_tokens) + 256
+    out = subprocess.run([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-c", str(ctx), "-b", "2048",
+                          "-ub", "512", "-npp", str(PROMPT_LEN), "-ntg", str(new_tokens),
+                          "-npl", ",".join(map(str, batches)), "-t", str(THREADS)],
+                         capture_output=True, text=True, check=True, timeout=3600).stdout
+    return parse_batched_bench(out)
+
+
+def parse_batched_bench(text: str) -> dict[int, float]:
+    """{B: S_TG t/s} from llama-batched-bench's markdown table."""
+    lines = [line for line in text.splitlines() if line.strip().startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    at_b, at_tg = header.index("B"), header.index("S_TG t/s")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {int(r[at_b]): float(r[at_tg]) for r in rows if r[at_b].isdigit()}
+
+
+def llama_perplexity(bin_dir: Path, gguf: Path, text: Path) -> float:
+    out = subprocess.run([str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "512",
+                          "-b", "512", "-t", str(THREADS)], capture_output=True, text=True, check=True, timeout=7200)
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+    if match is None:
+        raise SystemExit(f"llama-perplexity printed no final estimate for {gguf}:\n{out.stderr[-2000:]}")
+    return float(match.group(1))
+
+
+def our_perplexity(folder: Path, ids: list[int]) -> dict[str, float]:
+    from engine import load_model
+    from engine.model.cpu_serving import to_cpu_serving
+
+    model = load_model(folder, device="cpu", dtype="float32")
+    to_cpu_serving(model)  # the served path: the native kernels on the stored levels
+    return {f"ppl_stride{s}": perplexity(model, ids, ctx=512, stride=s).perplexity for s in (512, 256)}
+
+
+def dram_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a large copy (read + write) with THREADS threads: the decode floor's bandwidth."""
+    src = torch.ones(int(gib * (1 << 30)) // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compressed", type=Path, help="our compressed folder to set beside the dense one "
+                        "(default: models/quality/soco+heal-0.4, else soco-0.4, when bench/quality.py made them)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-perplexity", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    cache = peer_cache()
+    dense = pull("smollm2-135m", REPO / "models")
+    compressed = args.compressed or next((f for f in (REPO / "models" / "quality" / n for n in ("soco+heal-0.4", "soco-0.4"))
+                                          if (f / "lowrank.json").is_file()), None)
+    if compressed is None:
+        print("no compressed folder (give --compressed): timing the dense contenders only", file=sys.stderr)
+    ours = our_folders(dense, compressed)
+    ggufs = {f"llama.cpp {t.upper()}": cache / "gguf" / f"{dense.name}-{t}.gguf" for t in GGUF_TYPES}
+    rows = {name: {"kind": "ours", "path": str(f), "bytes": folder_bytes(f)} for name, f in ours.items()}
+    rows |= {name: {"kind": "llama.cpp", "path": str(g), "bytes": g.stat().st_size} for name, g in ggufs.items()}
+    engines = {name: Ours(folder, args.batches, args.new_tokens) for name, folder in ours.items()}
+    samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in rows}
+    for round_ in range(args.rounds):  # alternate: every contender once per round
+        for name in rows:
+            if name in engines:
+                for b in args.batches:
+                    samples[name][b].append(engines[name].decode_tok_s(b, args.new_tokens))
+            else:
+                for b, tok_s in llama_decode(cache / "bin", ggufs[name], args.batches, args.new_tokens).items():
+                    samples[name][b].append(tok_s)
+            print(f"round {round_ + 1}: {name}", {b: round(v[-1], 1) for b, v in samples[name].items()}, flush=True)
+    for name, row in rows.items():
+        row["decode_tok_s"] = {str(b): statistics.median(v) for b, v in samples[name].items()}
+    if not args.skip_perplexity:
+        from engine.model.loader import load_tokenizer
+
+        text = CORPUS / "valid.txt"
+        ids = tokenize_file(load_tokenizer(dense), text)
+        for name, row in rows.items():
+            if row["kind"] == "ours":
+                row |= our_perplexity(Path(row["path"]), ids)
+            else:
+                row["ppl_llama"] = llama_perplexity(cache / "bin", Path(row["path"]), text)
+            print(name, {k: v for k, v in row.items() if k.startswith("ppl")}, flush=True)
+    record = {"environment": environment() | {"cpu": cpu()}, "threads": THREADS,
+              "dram_bandwidth_gb_s": dram_bandwidth() / 1e9, "prompt_len": PROMPT_LEN, "new_tokens": args.new_tokens,
+              "rounds": args.rounds, "rows": rows}
+    (RESULTS / "peers-cpu.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_report(record)
+
+
+def write_report(record: dict) -> None:
+    """peers-cpu.md (table) and peers-cpu.png (tok/s and perplexity ratio against bytes)."""
+    rows, batches = record["rows"], list(next(iter(record["rows"].values()))["decode_tok_s"])
+    ref = {"ours": rows.get("ours dense fp32", {}).get("ppl_stride512"), "llama.cpp": rows.get("llama.cpp F16", {}).get("ppl_llama")}
+    bandwidth = record["dram_bandwidth_gb_s"]
+    env = record["environment"]
+    lines = ["# Against llama.cpp on CPU: decode throughput and perplexity, one run", "",
+             f"{env.get('cpu')}, {record['threads']} threads; {env.get('date', '')}, commit {env.get('commit', '')}. "
+             f"Prompts of {record['prompt_len']} tokens, {record['new_tokens']} new tokens per sequence, decode tok/s "
+             f"(prefill excluded), median of {record['rounds']} alternating rounds (`bench/peers_cpu.py`). DRAM "
+             f"bandwidth (copy, {record['threads']} threads): {bandwidth:.1f} GB/s; at batch 1 a step reads every "
+             "weight once, so `bytes x tok/s` is the bandwidth a contender draws.", "",
+             "Perplexity on the whole valid.txt, each against its own reference (llama.cpp: its F16 with "
+             "`llama-perplexity -c 512`; ours: our fp32 dense, disjoint 512-token windows); `ours ctx≥256` scores "
+             "the tokens llama-perplexity scores (stride 256), to set beside its absolute figure.", "",
+             "| contender | MB | " + " | ".join(f"batch {b} tok/s" for b in batches)
+             + " | GB/s drawn at batch 1 | PPL | × reference | ours ctx≥256 |",
+             "|---|---:|" + "---:|" * len(batches) + "---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        ppl = row.get("ppl_stride512") if row["kind"] == "ours" else row.get("ppl_llama")
+        ratio = f"{ppl / ref[row['kind']]:.4f}" if ppl and ref[row["kind"]] else "–"
+        tok = " | ".join(f"{row['decode_tok_s'][b]:.1f}" for b in batches)
+        drawn = row["bytes"] * row["decode_tok_s"][batches[0]] / 1e9
+        lines.append(f"| {name} | {row['bytes'] / 1e6:.0f} | {tok} | {drawn:.1f} | "
+                     f"{f'{ppl:.3f}' if ppl else '–'} | {ratio} | {row.get('ppl_stride256', 0) or '–'} |")
+    (RESULTS / "peers-cpu.md").write_text("\n".join(lines) + "\n")
+    plot(rows, batches, ref, RESULTS / "peers-cpu.png")
+
+
+def plot(rows: dict, batches: list[str], ref: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, row in rows.items():
+        marker = "o" if row["kind"] == "ours" else "s"
+        mb = row["bytes"] / 1e6
+        for b in batches:
+            axes[0].scatter(mb, row["decode_tok_s"][b], marker=marker, label=f"{name} (batch {b})" if b == batches[0] else None)
+        ppl = row.get("ppl_stride512") if row["kind"] == "ours" else row.get("ppl_llama")
+        if ppl and ref[row["kind"]]:
+            axes[1].scatter(mb, ppl / ref[row["kind"]], marker=marker)
+            axes[1].annotate(name, (mb, ppl / ref[row["kind"]]), fontsize=7)
+    axes[0].set(xlabel="model MB", ylabel="decode tok/s", yscale="log", title="throughput against bytes")
+    axes[0].legend(fontsize=6)
+    axes[1].set(xlabel="model MB", ylabel="perplexity / own reference", title="perplexity against bytes")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
