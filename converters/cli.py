@@ -117,9 +117,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     heal_config = None if args.heal_steps is None else _heal_config(args, args.heal_steps, calib, device)
     if heal_config is not None and heal_config.max_ratio is not None and heal_config.max_ratio < args.ratio:
         raise UsageError(f"--max-ratio {heal_config.max_ratio} is below --ratio {args.ratio}")
-    if (args.group is not None or args.rounding is not None) and args.bits is None:
-        raise UsageError(f"{'--group' if args.group is not None else '--rounding'} belongs to quantisation: "
-                         "give --bits too")
+    given = [flag for flag, value in (("--group", args.group), ("--rounding", args.rounding),
+                                      ("--keep-head", args.keep_head or None)) if value is not None]
+    if given and args.bits is None:
+        raise UsageError(f"{given[0]} belongs to quantisation: give --bits too")
     quant_config = None if args.bits is None else _quant_config(path, args)
 
     def finish(produce) -> dict | None:
@@ -234,15 +235,16 @@ def _quant_config(folder: Path, args: argparse.Namespace):
     if rounding == "gptq":
         calib = str(Path(args.calib) if args.calib else default_text(DEFAULT_CALIB, "--calib"))
     config = QuantConfig(bits=args.bits, group=args.group, rounding=rounding, calib=calib, samples=args.samples,
-                         seq_len=args.seq_len, device=args.device or "cpu", seed=args.seed)
+                         seq_len=args.seq_len, head=not args.keep_head, device=args.device or "cpu", seed=args.seed)
     check_widths(folder, config.group)
     return config
 
 
 def _print_quantization(quantization: dict) -> None:
     size = quantization["bytes"]
-    print(f"int{quantization['bits']} weights in groups of {quantization['group']} ({quantization['rounding']}): "
-          f"tensors {size['before'] / 1e6:.1f} MB -> {size['after'] / 1e6:.1f} MB")
+    head = "int8 head" if quantization.get("head") else "float head"
+    print(f"int{quantization['bits']} weights in groups of {quantization['group']} ({quantization['rounding']}, "
+          f"{head}): tensors {size['before'] / 1e6:.1f} MB -> {size['after'] / 1e6:.1f} MB")
 
 
 HEAL_OPTIONS = {"max_ratio": None, "heal_mode": "full", "heal_lr": None, "heal_batch_size": 4, "heal_seq_len": 256,
@@ -468,6 +470,8 @@ def _add_quant_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="weight-only int8 or int4 for every decoder linear" + ("" if required else " (last stage)"))
     p.add_argument("--group", type=positive_int,
                    help="input channels per scale; must divide every layer's input width (default 64 int8, 32 int4)")
+    p.add_argument("--keep-head", action="store_true",
+                   help="leave the head (the tied token table) float; by default it is stored int8")
     p.add_argument("--rounding", choices=["rtn", "gptq"],
                    help="round-to-nearest, or GPTQ's error feedback on calibration inputs (default rtn int8, gptq int4)")
 

@@ -6,9 +6,11 @@ live there): a dense linear's `weight`, a factorised one's `A` and `B`, LoRC's K
 included. A's groups run along its rank and B's along the module's input, so the rank prefix the
 loader takes at a higher ratio is still whole groups (A's last one cut short, its scale still
 right). Each matrix `X.leaf` is stored as `X.leaf_q` (int8 levels, or int4 levels two per byte in
-uint8) and `X.leaf_scales` (float32 [rows, ⌈cols/group⌉]); biases, norms, the importance scores,
-the embedding and the head stay as they are. lowrank.json records `bits` and `group` on every
-quantised module and the settings once, under `quantization`.
+uint8) and `X.leaf_scales` (float32 [rows, ⌈cols/group⌉]); biases, norms and the importance
+scores stay as they are. The head (`head`, on by default) is stored in int8 whatever `bits` is
+(int4 heads cost the most quality per byte saved; llama.cpp's Q4_K_M keeps its at Q6_K), and
+where it is tied to the embedding the one table is quantised and serves both. lowrank.json
+records `bits` and `group` on every quantised module and the settings once, under `quantization`.
 
 Defaults (`DEFAULT_GROUP`): int8 groups of 64, int4 groups of 32, chosen on held-out perplexity in
 bench/results/quant-rtn.md (int8 at 64 costs no more than at 32 and stores half the scales).
@@ -46,6 +48,7 @@ from .gptq import DAMP, gptq_quantize
 DEFAULT_GROUP = {8: 64, 4: 32}
 ROUNDINGS = ("rtn", "gptq")
 DEFAULT_ROUNDING = {8: "rtn", 4: "gptq"}
+HEAD_GROUP = 64  # the head's group (or the largest that divides its width), int8 at any --bits
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class QuantConfig:
     samples: int = 128  # gptq: calibration windows
     seq_len: int = 512  # gptq: tokens per window
     damp: float = DAMP  # gptq: λ, as a fraction of the Gram's mean diagonal
+    head: bool = True  # also the head (the tied token table), always int8 round-to-nearest
     device: str = "cpu"
     seed: int = 0
 
@@ -86,6 +90,19 @@ def calibration_grams(folder: Path, config: QuantConfig) -> dict[str, torch.Tens
     windows = sample_windows(tokenize_file(load_tokenizer(folder), config.calib), config.samples, config.seq_len,
                              config.seed)
     return {k: g.cpu() for k, g in collect_grams(model, windows).items()}
+
+
+def _quantize_head(tensors: dict[str, torch.Tensor]) -> dict:
+    """The head in int8, groups of HEAD_GROUP, in place in `tensors`: `lm_head.weight`, or where the
+    head is tied the token table itself (a lookup then dequantises its rows)."""
+    name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+    width = tensors[name].shape[1]
+    group = next((g for g in (HEAD_GROUP, 32, 16, 8, 4, 2) if width % g == 0), None)
+    if group is None:
+        raise ValueError(f"the head's width {width} is odd: no group divides it (keep the head float)")
+    qw = quantize(tensors.pop(name), 8, group)
+    tensors[f"{name}_q"], tensors[f"{name}_scales"] = qw.q, qw.scales
+    return {"module": name.removesuffix(".weight"), "bits": 8, "group": group}
 
 
 def _round(w: torch.Tensor, gram: torch.Tensor | None, config: QuantConfig) -> Quantized:
@@ -149,10 +166,11 @@ def quantize_folder(source: str | Path, out: str | Path, config: QuantConfig) ->
                 B = dequantize(qw, torch.float64)
                 gram = B @ gram @ B.T
         m |= {"bits": config.bits, "group": config.group}
+    head = _quantize_head(tensors) if config.head else None
     bytes_after = sum(t.nbytes for t in tensors.values())
     manifest["format_version"] = FORMAT_VERSION
     manifest["quantization"] = asdict(config) | {
-        "scales": "float32",
+        "scales": "float32", "head": head,
         "bytes": {"before": bytes_before, "after": bytes_after},  # all of the folder's tensors
         "seconds": round(time.perf_counter() - start, 1),
     }

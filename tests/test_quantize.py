@@ -15,7 +15,7 @@ from converters.quantize import QuantConfig, quantize_folder
 from engine import LLM, SamplingParams, load_model
 from engine.model.checkpoint import read_manifest
 from engine.model.cpu_serving import NativeDecoderLayer, to_cpu_serving
-from engine.model.layers import QuantLinear, QuantLowRankLinear
+from engine.model.layers import QuantEmbedding, QuantLinear, QuantLowRankLinear
 from kernels.cpu import build as cpu_native
 from kernels.quant import Quantized, column_prefix, dequantize, quantize, row_prefix
 
@@ -78,6 +78,11 @@ def _dequantized_matrices(quantized_folder, ranks: dict[str, int] | None = None)
         A = column_prefix(stored("A", m["rank"]), rank)
         B = row_prefix(stored("B", m["shape"][1]), rank)
         out[name] = dequantize(A, torch.float64) @ dequantize(B, torch.float64)
+    if head := manifest["quantization"]["head"]:
+        name = head["module"]
+        out[name] = dequantize(Quantized(tensors[f"{name}.weight_q"], tensors[f"{name}.weight_scales"], 8,
+                                         head["group"], tensors[f"{name}.weight_scales"].shape[1] * head["group"]),
+                               torch.float64)
     return out
 
 
@@ -92,8 +97,11 @@ def test_dense_folder_logits_equal_the_dequantised_reference(folders, tmp_path, 
     assert manifest["quantization"]["bytes"]["after"] < manifest["quantization"]["bytes"]["before"]
     model = load_model(tmp_path / "q", device="cpu", dtype="float32")
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert len(quantized) == 7 * CONFIGS[config].num_hidden_layers
-    assert all(m.weight_q.dtype == (torch.int8 if bits == 8 else torch.uint8) for m in quantized)
+    assert len(quantized) == 7 * CONFIGS[config].num_hidden_layers + 1  # and the head, int8
+    assert model.lm_head.bits == 8
+    tied = CONFIGS[config].tie_word_embeddings
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) == tied  # a tied table is the head
+    assert all(m.weight_q.dtype == (torch.int8 if bits == 8 else torch.uint8) for m in quantized if m is not model.lm_head)
     # the stored levels are the format's, from the dense weights
     tensors, source = _stored(tmp_path / "q"), _stored(dense)
     name = "model.layers.1.mlp.down_proj"
@@ -155,6 +163,22 @@ def test_engine_greedy_with_int8_equals_the_reference(folders, tmp_path, cpu_ker
         assert out.outputs[0].token_ids == expected
 
 
+def test_keep_head_leaves_the_head_float_and_lookups_dequantise_rows(folders, tmp_path):
+    _, made = folders
+    dense, _ = made["llama-gqa"]
+    quantize_folder(dense, tmp_path / "float-head", QuantConfig(bits=8, group=32, head=False))
+    assert "model.embed_tokens.weight" in _stored(tmp_path / "float-head")
+    assert load_model(tmp_path / "float-head", device="cpu").lm_head is None
+    quantize_folder(dense, tmp_path / "q", QuantConfig(bits=4, group=32, rounding="rtn"))
+    stored = _stored(tmp_path / "q")
+    assert "model.embed_tokens.weight" not in stored and stored["model.embed_tokens.weight_q"].dtype == torch.int8
+    model = load_model(tmp_path / "q", device="cpu", dtype="float32")
+    ids = torch.tensor([[3, 0, 100], [7, 7, 1]])
+    table = _dequantized_matrices(tmp_path / "q")["model.embed_tokens"]
+    torch.testing.assert_close(model.model.embed_tokens(ids).double(), table[ids])
+    assert model.lm_head.weight_q.data_ptr() == model.model.embed_tokens.weight_q.data_ptr()  # one table
+
+
 def _kl_to(reference_model, model, ids) -> float:
     """Mean KL(reference || model) of next-token distributions over `ids`."""
     with torch.no_grad():
@@ -202,7 +226,7 @@ def test_cli_quantize_and_compress_bits(folders, tmp_path, capsys):
     assert main(["quantize", str(compressed), "--bits", "4", "--calib", str(text), "--samples", "4", "--seq-len", "32",
                  "--out", str(tmp_path / "q4")]) == 0
     printed = capsys.readouterr().out
-    assert "int4 weights in groups of 32 (gptq)" in printed and f"wrote {tmp_path / 'q4'}" in printed
+    assert "int4 weights in groups of 32 (gptq, int8 head)" in printed and f"wrote {tmp_path / 'q4'}" in printed
     recorded = read_manifest(tmp_path / "q4")["quantization"]
     assert (recorded["group"], recorded["samples"], recorded["calib"]) == (32, 4, str(text))  # int4's defaults
     assert main(["compress", str(dense), "--ratio", "0.3", "--method", "svd-llm", "--calib", str(text),

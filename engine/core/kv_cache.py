@@ -15,7 +15,7 @@ CUDA_FREE_FRACTION = 0.9
 
 def bytes_per_block(model: CausalLM, block_size: int) -> int:
     """Bytes one block of `block_size` tokens takes over all layers (K and V, or their LoRC latents)."""
-    itemsize = model.model.embed_tokens.weight.dtype.itemsize
+    itemsize = model.dtype.itemsize
     per_token = sum(math.prod(shape) for layer in model.model.layers for shape in layer.self_attn.cache_shapes())
     return block_size * per_token * itemsize
 
@@ -29,11 +29,10 @@ def default_budget(device: torch.device) -> int:
 
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Zeroed pools [num_blocks, block_size, *cache_shapes] per layer, handed to each attention module."""
-    weight = model.model.embed_tokens.weight
     caches = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        kv = tuple(torch.zeros((num_blocks, block_size, *shape), dtype=weight.dtype, device=weight.device)
+        kv = tuple(torch.zeros((num_blocks, block_size, *shape), dtype=model.dtype, device=model.device)
                    for shape in attn.cache_shapes())
         attn.kv_cache = kv
         caches.append(kv)

@@ -175,19 +175,19 @@ def _swap(root: nn.Module, replacement: Callable[[nn.Module], nn.Module | None])
 def to_cpu_serving(model: CausalLM) -> bool:
     """Swap `model` (on CPU) into its serving form; returns False, changing nothing, where no CPU
     kernel takes its dtype (float32, or bfloat16 where oneDNN has it)."""
-    embed = model.model.embed_tokens.weight
-    if not can_pack(embed):
+    dtype = model.dtype
+    if model.device.type != "cpu" or not can_pack(torch.empty(0, 0, dtype=dtype)):
         return False
     latent = {id(m) for layer in model.model.layers if layer.self_attn.latent
               for m in (layer.self_attn.k_proj, layer.self_attn.v_proj)}  # their A feeds latent attention
     _swap(model, lambda m: None if id(m) in latent else PackedLinear.from_linear(m) if isinstance(m, Linear)
           else PackedLowRankLinear.from_lowrank(m) if isinstance(m, LowRankLinear) else None)
     if model.lm_head is None:
-        model.lm_head = PackedLinear(pack(embed), None)
-    if not native_elementwise_available(embed.dtype):
+        model.lm_head = PackedLinear(pack(model.model.embed_tokens.weight), None)
+    if not native_elementwise_available(dtype):
         return True
     _swap(model, lambda m: NativeRMSNorm(m) if isinstance(m, RMSNorm) else NativeRoPE() if isinstance(m, RoPE)
-          else _same_state(NativeAttention, m) if isinstance(m, Attention) and NativeAttention.takes(m, embed.dtype)
+          else _same_state(NativeAttention, m) if isinstance(m, Attention) and NativeAttention.takes(m, dtype)
           else None)
     _swap(model, lambda m: NativeDecoderLayer.build(m) if isinstance(m, DecoderLayer) else None)
     return True

@@ -106,6 +106,32 @@ class QuantLinear(_QuantStore, Linear):
         return f"{super().extra_repr()}, int{self.bits}, group={self.group}"
 
 
+class QuantEmbedding(_QuantStore, nn.Module):
+    """A token table [vocab, hidden] stored group-quantised (a tied table is the head too): a lookup
+    dequantises only the rows it gathers; `weight` is the whole dequantised table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.bits, self.group = num_embeddings, embedding_dim, bits, group
+        self._register_quantized("weight", num_embeddings, embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._dequantized("weight", self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = Quantized(self.weight_q[flat], self.weight_scales[flat], self.bits, self.group, self.embedding_dim)
+        return dequantize(rows, self.weight_scales.dtype).view(*ids.shape, self.embedding_dim)
+
+    def as_head(self) -> QuantLinear:
+        """The head tied to this table: a `QuantLinear` over the same buffers (nothing copied)."""
+        with torch.device("meta"):
+            head = QuantLinear(self.embedding_dim, self.num_embeddings, self.bits, self.group)
+        head.weight_q, head.weight_scales = self.weight_q, self.weight_scales
+        return head
+
+
 class QuantLowRankLinear(_QuantStore, LowRankLinear):
     """A `LowRankLinear` whose factors are stored group-quantised (A's groups run along its rank, so
     a rank prefix keeps whole groups but the last); `A` [out, r] and `B` [r, in] are dequantised."""

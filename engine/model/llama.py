@@ -131,7 +131,12 @@ class CausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The serving dtype: every float tensor's (a quantised table's levels are integers)."""
+        return self.model.norm.weight.dtype
 
     def hidden_states(self, sequences: list[list[int]] | list[torch.Tensor]) -> list[torch.Tensor]:
         """Whole sequences (each from position 0), packed into one pass -> hidden [L_i, hidden] each."""

@@ -18,7 +18,7 @@ from kernels.quant import n_groups, stored_cols
 
 from .checkpoint import open_weights, read_manifest, weight_files
 from .config import ModelConfig, ModelFolderError, parse_dtype
-from .layers import Linear, LowRankLinear, QuantLinear, QuantLowRankLinear
+from .layers import Linear, LowRankLinear, QuantEmbedding, QuantLinear, QuantLowRankLinear
 from .llama import CausalLM
 from .rank_budget import allocate_ranks, lowrank_params
 
@@ -108,12 +108,17 @@ def load_model(
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, device)
     ranks = serving_ranks(path, manifest, files, ratio) if manifest else {}
     quantized = {name: m for name, m in manifest["modules"].items() if "bits" in m} if manifest else {}
+    head = ((manifest or {}).get("quantization") or {}).get("head")  # a quantised head or tied table
     with torch.device("meta"):
         model = CausalLM(config)
         for name in ranks.keys() | quantized.keys():
             dense = model.get_submodule(name)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, _stored_linear(dense, ranks.get(name), quantized.get(name)))
+        if head and head["module"] == "lm_head":
+            model.lm_head = QuantLinear(config.hidden_size, config.vocab_size, head["bits"], head["group"])
+        elif head:
+            model.model.embed_tokens = QuantEmbedding(config.vocab_size, config.hidden_size, head["bits"], head["group"])
     expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     for file in files:
@@ -135,6 +140,8 @@ def load_model(
     if missing:
         raise ModelFolderError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[0]!r}")
     model.load_state_dict(state, strict=True, assign=True)
+    if head and model.lm_head is None:  # the tied head reads the quantised table through the GEMM kernels
+        model.lm_head = model.model.embed_tokens.as_head()
     model.model.rotary.materialize(device)
     if manifest and manifest.get("kv_latent"):
         model.use_latent_kv()
