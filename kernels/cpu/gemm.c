@@ -17,10 +17,10 @@
  * from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
  * runtime torch uses). The native decoder layer (decoder_layer.c) calls `gemm_shared` directly.
  *
- * Quantised weights (weight-only, kernels/quant.py's format) keep the same panels with the levels
- * in place of the floats: int8 as [K][16] bytes, int4 as [ceil(K/2)][16] bytes holding inputs 2j
- * (low nibble) and 2j+1 (high), and beside them the group scales as [ceil(K/group)][16] floats
- * per panel. Decode reads 1 or 0.5 byte per weight (plus 4/group for the scale) instead of 4: the
+ * Quantised weights (weight-only, kernels/quant.py's levels) keep the same panels with the levels
+ * in place of the floats, 4 (int8) or 8 (int4) inputs of a column per 32-bit word: int8 as
+ * [ceil(K/4)][16] words, int4 as [ceil(K/8)][16], and beside them the group scales as
+ * [ceil(K/group)][16] floats per panel. Decode reads 1 or 0.5 byte per weight (plus 4/group for the scale) instead of 4: the
  * levels are widened and scaled in registers, the activations and the accumulation stay float32.
  *
  * Built and loaded by kernels/cpu/build.py; packing and dispatch are in kernels/cpu/gemm.py.
@@ -40,8 +40,8 @@
  * must fit the vector registers (LANES, lowrank_cpu.h). Measured on a 2-core Zen 3 (AVX2) at
  * 16 x 1536 x 576: the AVX-512 tile (16 rows, as 32 accumulators of 8 floats) ran at 10 GFLOP/s,
  * 6 rows at ~120. No two-panel tiles below AVX-512 (TWO_PANEL_ROWS 0): 2 rows x 2 panels would be
- * bound by its loads. Quantised weights hold their group's scales in registers too (and int4 its
- * offset), so below AVX-512 their tiles are shorter (QUANT_ROWS). */
+ * bound by its loads. Quantised weights hold their group's scales in registers too, so below
+ * AVX-512 their tiles are shorter (QUANT_ROWS). */
 #if LANES == 16
 #define ONE_PANEL_ROWS 16
 #define TWO_PANEL_ROWS 8
@@ -58,19 +58,22 @@
 #endif
 #define VECTORS (PANEL / LANES) /* registers per panel row */
 
-typedef int8_t bvec __attribute__((vector_size(LANES), aligned(1)));   /* LANES int8 levels */
-typedef uint8_t ubvec __attribute__((vector_size(LANES), aligned(1))); /* LANES int4 pairs */
+typedef int32_t ivec_unaligned __attribute__((vector_size(LANES * sizeof(int32_t)), aligned(sizeof(int32_t))));
 
-/* Bytes of one panel row: PANEL weights of one input (float, int8), or of two inputs (int4). */
-#define ROW_BYTES(BITS) ((BITS) == 32 ? PANEL * 4 : PANEL)
+/* Quantised panels hold PER_WORD(BITS) consecutive inputs of one output column in each 32-bit
+ * word (byte or nibble j = input PER_WORD·r + j, two's complement), so one panel row is PANEL
+ * words (a cache line) for 4 (int8) or 8 (int4) inputs. A level is widened with two shifts of
+ * the word vector (left to the top, arithmetic right back), which every ISA vectorises: GCC
+ * scalarises a direct int8 -> int32 vector conversion (one byte per instruction). */
+#define PER_WORD(BITS) ((BITS) == 32 ? 1 : 32 / (BITS))
+#define ROW_BYTES (PANEL * 4) /* one panel row, every format */
 
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
  * rows. ROWS, TILES and BITS are compile-time constants at every call site, so the accumulators
  * live in registers (they are never address-taken): at decode sizes one panel (the weight
  * streamed once), with AVX-512 8 rows x 2 panels at prefill sizes (each broadcast of x feeds two
  * FMAs: 10 loads per 16 FMAs instead of 17). Quantised levels are widened to float and scaled in
- * registers, per panel row, before the same FMAs: w = q·d (int8), w = q'·d − 8d (int4, q' = q + 8
- * as stored); the float weight never exists in memory. */
+ * registers, per input, before the same FMAs (w = q·d); the float weight never exists in memory. */
 static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const int BITS,
                                                             const float *x, int64_t ldx, int64_t K,
                                                             const cpu_weight *w, const char *panel,
@@ -97,39 +100,25 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
     } else {
         const int64_t group = w->group, groups = (K + group - 1) / group;
         for (int64_t g = 0; g < groups; g++) {
-            vec d[MAX_TILES * VECTORS], offset[MAX_TILES * VECTORS];
+            vec d[MAX_TILES * VECTORS];
             for (int t = 0; t < TILES; t++)
-                for (int v = 0; v < VECTORS; v++) {
+                for (int v = 0; v < VECTORS; v++)
                     d[t * VECTORS + v] = *(const vec_unaligned *)(scales + (t * groups + g) * PANEL + LANES * v);
-                    offset[t * VECTORS + v] = d[t * VECTORS + v] * -8.0f;
-                }
             const int64_t k_end = (g + 1) * group < K ? (g + 1) * group : K;
-            const int64_t step = BITS == 8 ? 1 : 2; /* inputs per panel row */
-            for (int64_t k = g * group; k < k_end; k += step) {
-                const int64_t r = k / step; /* the panel row */
-                if (r % (LINE / ROW_BYTES(BITS)) == 0)
-                    for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES(BITS) * r, 0, 0);
-                vec lo[MAX_TILES * VECTORS], hi[MAX_TILES * VECTORS];
+            for (int64_t k = g * group; k < k_end; k++) {
+                const int64_t r = k / PER_WORD(BITS); /* the panel row */
+                const int top = 32 - BITS - BITS * (int)(k % PER_WORD(BITS)); /* shifts the level to the top */
+                if (k % PER_WORD(BITS) == 0)
+                    for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES * r, 0, 0);
+                vec wk[MAX_TILES * VECTORS];
                 for (int t = 0; t < TILES; t++)
                     for (int v = 0; v < VECTORS; v++) {
-                        const char *at = panel + t * panel_bytes + ROW_BYTES(BITS) * r + LANES * v;
-                        const int i = t * VECTORS + v;
-                        if (BITS == 8) {
-                            lo[i] = __builtin_convertvector(*(const bvec *)at, vec) * d[i];
-                        } else {
-                            const ubvec pair = *(const ubvec *)at;
-                            lo[i] = __builtin_convertvector(pair & 15, vec) * d[i] + offset[i];
-                            hi[i] = __builtin_convertvector(pair >> 4, vec) * d[i] + offset[i];
-                        }
+                        const ivec words = *(const ivec_unaligned *)(panel + t * panel_bytes + ROW_BYTES * r + 4 * LANES * v);
+                        wk[t * VECTORS + v] = __builtin_convertvector((words << top) >> (32 - BITS), vec) * d[t * VECTORS + v];
                     }
-                const int both = BITS == 4 && k + 1 < k_end; /* an odd K ends on a lone input */
                 for (int m = 0; m < ROWS; m++) {
-                    const float x0 = x[m * ldx + k];
-                    for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += x0 * lo[v];
-                    if (both) {
-                        const float x1 = x[m * ldx + k + 1];
-                        for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += x1 * hi[v];
-                    }
+                    const float xm = x[m * ldx + k];
+                    for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
                 }
             }
         }
@@ -204,7 +193,7 @@ static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, con
     const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     const int64_t step = BITS == 32 && TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1;
     const int64_t tiles = (panels + step - 1) / step;
-    const int64_t panel_bytes = ROW_BYTES(BITS) * (BITS == 4 ? (K + 1) / 2 : K);
+    const int64_t panel_bytes = ROW_BYTES * ((K + PER_WORD(BITS) - 1) / PER_WORD(BITS));
     const int64_t groups = BITS == 32 ? 0 : (K + w->group - 1) / w->group;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t r = 0; r < row_blocks; r++) {

@@ -119,10 +119,15 @@ def pack_quantized(qw: Quantized) -> PackedWeight:
                          "the native CPU kernel (it needs the library built here and float32 scales)")
     q = levels(qw)  # int8 [out, cols]
     out_f, cols = q.shape
-    if qw.bits == 4:  # inputs 2j and 2j+1 of each output in one byte, low nibble first, stored +8
-        even = torch.nn.functional.pad(q, (0, cols % 2)).to(torch.int16) + 8
-        q = (even[:, 0::2] | (even[:, 1::2] << 4)).to(torch.uint8)
-    return PackedWeight(_panels(q), out_f, cols, "native", _panels(qw.scales), qw.bits, qw.group)
+    per_word = 32 // qw.bits  # inputs of one output per 32-bit word (gemm.c), the first in the lowest bits
+    q = torch.nn.functional.pad(q, (0, -cols % per_word)).view(out_f, -1, per_word)
+    if qw.bits == 8:
+        words = q.contiguous().view(torch.int32).squeeze(-1)  # little-endian: byte j is input 4r + j
+    else:
+        nibbles = (q.to(torch.int64) & 0xF) << (4 * torch.arange(per_word))
+        words = nibbles.sum(-1)
+        words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return PackedWeight(_panels(words), out_f, cols, "native", _panels(qw.scales), qw.bits, qw.group)
 
 
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
