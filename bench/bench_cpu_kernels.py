@@ -8,7 +8,9 @@ than the L3, so weights stream from DRAM as in a decode step), dense and factori
 of a 0.4 compression (60 % of each layer's parameters), through
 - `native`: our C kernel (engine/cpu_gemm.c; a factorised layer is one fused call),
 - `onednn`: oneDNN's inner product on pre-reordered weights (two calls per factorised layer),
-- `torch`: `F.linear` on plain weights (MKL).
+- `torch`: `F.linear` on plain weights (MKL),
+- `native-int8`, `native-int4`: our C kernel on the weights quantised as `lowrank quantize` stores
+  them (int8 in groups of 64, int4 in groups of 32; 1 or 0.5 byte per weight plus the scales).
 Attention: one new query per sequence over a paged cache, SmolLM2's heads, through the native
 kernel (engine/cpu_attention.c) and the torch reference (`kernels.paged_attention_ref`).
 """
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 
 from kernels.cpu import build as cpu_native
 from kernels.cpu.attention import native_paged_decode
-from kernels.cpu.gemm import pack, packed_linear, packed_lowrank
+from kernels.cpu.gemm import pack, pack_quantized, packed_linear, packed_lowrank
 from kernels.paged_attention import paged_attention_ref
+from kernels.quant import quantize
 
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="the native CPU kernels could not be built")
 
@@ -47,6 +50,14 @@ def weights():
     return dense, factors
 
 
+QUANTIZED = {"native-int8": (8, 64), "native-int4": (4, 32)}  # kernel -> (bits, group)
+KERNELS = ["native", "onednn", "torch", *QUANTIZED]
+
+
+def _pack(w: torch.Tensor, kernel: str):
+    return pack_quantized(quantize(w, *QUANTIZED[kernel])) if kernel in QUANTIZED else pack(w, kernel)
+
+
 def _calls(kernel: str, form: str, weights, rows: int):
     """[(fn, input)] for every projection, in the contender's own layout."""
     dense, factors = weights
@@ -54,16 +65,16 @@ def _calls(kernel: str, form: str, weights, rows: int):
     if form == "dense":
         if kernel == "torch":
             return [(lambda x, w=w: F.linear(x, w), inputs[w.shape[1]]) for w in dense]
-        return [(lambda x, p=pack(w, kernel): packed_linear(x, p), inputs[w.shape[1]]) for w in dense]
+        return [(lambda x, p=_pack(w, kernel): packed_linear(x, p), inputs[w.shape[1]]) for w in dense]
     if kernel == "torch":
         return [(lambda x, a=a, b=b: F.linear(F.linear(x, b), a), inputs[b.shape[1]]) for a, b in factors]
-    return [(lambda x, pb=pack(b, kernel), pa=pack(a, kernel): packed_lowrank(x, pb, pa), inputs[b.shape[1]])
+    return [(lambda x, pb=_pack(b, kernel), pa=_pack(a, kernel): packed_lowrank(x, pb, pa), inputs[b.shape[1]])
             for a, b in factors]
 
 
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("form", ["dense", "lowrank"])
-@pytest.mark.parametrize("kernel", ["native", "onednn", "torch"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_gemm(benchmark, weights, kernel, form, rows):
     calls = _calls(kernel, form, weights, rows)
 

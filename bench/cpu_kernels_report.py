@@ -22,7 +22,7 @@ def gemm_table(benchmarks: list[dict]) -> list[str]:
              "|---:|---|---:|---:|---:|---:|"]
     for rows in sorted({r for r, _, _ in ms}):
         base = ms.get((rows, "onednn", "dense"))
-        for kernel in ("native", "onednn", "torch"):
+        for kernel in ("native", "onednn", "torch", "native-int8", "native-int4"):
             dense, low = ms.get((rows, kernel, "dense")), ms.get((rows, kernel, "lowrank"))
             if dense is None or low is None:
                 continue

@@ -105,20 +105,35 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
                 for (int v = 0; v < VECTORS; v++)
                     d[t * VECTORS + v] = *(const vec_unaligned *)(scales + (t * groups + g) * PANEL + LANES * v);
             const int64_t k_end = (g + 1) * group < K ? (g + 1) * group : K;
-            for (int64_t k = g * group; k < k_end; k++) {
+            for (int64_t k = g * group; k < k_end;) {
                 const int64_t r = k / PER_WORD(BITS); /* the panel row */
-                const int top = 32 - BITS - BITS * (int)(k % PER_WORD(BITS)); /* shifts the level to the top */
-                if (k % PER_WORD(BITS) == 0)
-                    for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES * r, 0, 0);
-                vec wk[MAX_TILES * VECTORS];
+                ivec words[MAX_TILES * VECTORS];
                 for (int t = 0; t < TILES; t++)
-                    for (int v = 0; v < VECTORS; v++) {
-                        const ivec words = *(const ivec_unaligned *)(panel + t * panel_bytes + ROW_BYTES * r + 4 * LANES * v);
-                        wk[t * VECTORS + v] = __builtin_convertvector((words << top) >> (32 - BITS), vec) * d[t * VECTORS + v];
+                    for (int v = 0; v < VECTORS; v++)
+                        words[t * VECTORS + v] =
+                            *(const ivec_unaligned *)(panel + t * panel_bytes + ROW_BYTES * r + 4 * LANES * v);
+                if (k % PER_WORD(BITS) == 0 && k + PER_WORD(BITS) <= k_end) { /* a whole word: constant shifts */
+                    for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES * r, 0, 0);
+                    for (int j = 0; j < PER_WORD(BITS); j++) {
+                        vec wk[MAX_TILES * VECTORS];
+                        for (int v = 0; v < TILES * VECTORS; v++)
+                            wk[v] = __builtin_convertvector((words[v] << (32 - BITS * (j + 1))) >> (32 - BITS), vec) * d[v];
+                        for (int m = 0; m < ROWS; m++) {
+                            const float xm = x[m * ldx + k + j];
+                            for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
+                        }
                     }
-                for (int m = 0; m < ROWS; m++) {
-                    const float xm = x[m * ldx + k];
-                    for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
+                    k += PER_WORD(BITS);
+                } else { /* a word split by a group boundary or by the end of K: one input */
+                    const int top = 32 - BITS - BITS * (int)(k % PER_WORD(BITS));
+                    vec wk[MAX_TILES * VECTORS];
+                    for (int v = 0; v < TILES * VECTORS; v++)
+                        wk[v] = __builtin_convertvector((words[v] << top) >> (32 - BITS), vec) * d[v];
+                    for (int m = 0; m < ROWS; m++) {
+                        const float xm = x[m * ldx + k];
+                        for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
+                    }
+                    k++;
                 }
             }
         }
