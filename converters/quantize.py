@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
 from engine import load_model
@@ -60,7 +59,7 @@ class QuantConfig:
     samples: int = 128  # gptq: calibration windows
     seq_len: int = 512  # gptq: tokens per window
     damp: float = DAMP  # gptq: λ, as a fraction of the Gram's mean diagonal
-    head: bool = True  # also the head (the tied token table), always int8 round-to-nearest
+    head: bool = True  # also the head (the tied token table): int8, round-to-nearest, at any `bits`
     device: str = "cpu"
     seed: int = 0
 
