@@ -220,6 +220,22 @@ def test_compress_with_healing_in_one_command(folders, tmp_path, capsys, cpu_ker
     load_model(out, device="cpu", ratio=0.45)
 
 
+def test_compress_heal_and_quantise_in_one_command(folders, tmp_path, capsys, cpu_kernels):
+    out = tmp_path / "healed-int8"
+    args = ["compress", str(folders["dense"]), "--ratio", "0.3", "--method", "svd-llm", "--samples", "4",
+            "--seq-len", "32", "--calib", str(folders["calib"]), "--heal-steps", "4", "--heal-batch-size", "2",
+            "--heal-seq-len", "32", "--bits", "8", "--group", "32", "--out", str(out)]
+    assert main(args + ["--stop-after", "2"]) == 0  # stopped mid-healing: nothing quantised, nothing written
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["healed-int8.partial"]
+    assert main(args + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "healed 4 steps" in printed and "int8 weights in groups of 32 (rtn, int8 head)" in printed
+    manifest = read_manifest(out)
+    assert manifest["healing"]["resumed_at"] == 2 and manifest["quantization"]["bits"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed-int8"]  # no float folder, no partial left
+    load_model(out, device="cpu", ratio=0.4)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["heal", "{compressed}", "--steps", "0", "--out", "{o}"], "--steps: expected a positive integer, got 0"),
     (["heal", "{compressed}", "--steps", "2", "--max-ratio", "0.2", "--out", "{o}"],
