@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .cli_types import Parser, float_in, port_number, positive_float, positive_int, ratio_value, seconds
 from .pull import REGISTRY, PullError, pull
 
 DEFAULT_TEXT = Path("shared/corpus/pydocs/valid.txt")  # beside the repository, as ../shared
@@ -306,50 +307,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
           shutdown_grace=args.shutdown_grace, max_sequences_per_request=args.max_sequences_per_request, **settings)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line and exit 2 like every other input error (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def int_in(low: int, high: int | None, what: str):
-    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-    return parse
-
-
-positive_int = int_in(1, None, "a positive integer")
-port_number = int_in(0, 65535, "a TCP port in [0, 65535]")
-
-
-def float_in(accepts, what: str):
-    """An argparse type: a float for which `accepts(value)` holds."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not accepts(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-    return parse
-
-
-seconds = float_in(lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0")
-ratio_value = float_in(lambda v: 0 < v < 1, "a ratio in (0, 1)")
-positive_float = float_in(lambda v: 0 < v < float("inf"), "a positive number")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lowrank", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lowrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="fetch a registered model into models/NAME as an HF folder")
