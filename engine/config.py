@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+KV_DTYPES = ("auto", "int8")  # "auto": the model's dtype; "int8": kernels.kv_quant's format
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -15,6 +17,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # the RNG of requests that bring no seed of their own
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured per batch size
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 K/V with a scale per vector (kernels.kv_quant)
 
     def __post_init__(self) -> None:
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size"]
@@ -24,6 +27,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_DTYPES))}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
 

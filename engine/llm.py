@@ -65,6 +65,8 @@ class LLM:
             raise ValueError(f"unknown engine setting(s) {unknown}; known: {', '.join(sorted(known))}")
         self.config = EngineConfig(**settings)
         self.model = load_model(path, dtype=dtype, device=device, ratio=ratio)
+        if self.config.kv_cache_dtype == "int8":
+            self.model.use_int8_kv()
         self.tokenizer = load_tokenizer(path)
         mc, bs = self.model.config, self.config.block_size
         self.vocab_size = mc.vocab_size
@@ -78,7 +80,8 @@ class LLM:
             raise ValueError(f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {bs} tokens; "
                              f"max_model_len={self.max_model_len} needs {needed}: raise kv_cache_memory or lower "
                              f"max_model_len")
-        latent = " of LoRC latents" if self.model.model.layers[0].self_attn.latent else ""
+        attn = self.model.model.layers[0].self_attn
+        latent = " of LoRC latents" if attn.latent else " (int8)" if attn.kv_int8 else ""
         print(f"KV cache{latent}: {num_blocks} blocks x {bs} tokens = {num_blocks * bs} tokens "
               f"({num_blocks * per_block / 2**20:.0f} MiB, {per_block // bs} bytes per token)", file=sys.stderr)
         self.block_manager = BlockManager(num_blocks, bs, self.config.enable_prefix_caching)

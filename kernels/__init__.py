@@ -68,17 +68,19 @@ def paged_attention(
     query_lens: tuple[int, ...],
     sliding_window: int | None = None,
     context_lens_tensor: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """New queries [T, Hq, D] over the paged cache: the Triton kernel for decode steps, else the reference.
 
-    `context_lens` on the host, or `context_lens_tensor` on the device (what a captured CUDA graph reads).
+    `context_lens` on the host, or `context_lens_tensor` on the device (what a captured CUDA graph reads);
+    `scales`: an int8 cache's K and V scale pools [blocks, block_size, Hkv] (kernels.kv_quant), else None.
     """
     if decode_kernel_applies(q, k_cache, query_lens):
         lens = device_lens(context_lens, context_lens_tensor, q.device)
-        return paged_decode_triton(q, k_cache, v_cache, block_tables, lens, sliding_window)
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, lens, sliding_window, scales)
     if context_lens is None:
         raise ValueError("the reference paged attention needs context_lens on the host")
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_lens, sliding_window)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_lens, sliding_window, scales)
 
 
 def device_lens(context_lens: tuple[int, ...] | None, context_lens_tensor: torch.Tensor | None,

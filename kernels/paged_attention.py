@@ -18,16 +18,28 @@ import triton
 import triton.language as tl
 
 from .interpreter import INTERPRET
+from .kv_quant import dequantize_vectors
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    """cache [N, bs, H, D], table [..., nb] -> the first `length` tokens [..., length, H, D].
+    """cache [N, bs, *shape], table [..., nb] -> the first `length` tokens [..., length, *shape].
 
     `index_select` over whole blocks: on CPU it is 4x faster than advanced indexing `cache[blocks]`.
     """
     blocks = table[..., : -(-length // cache.shape[1])]
     gathered = cache.index_select(0, blocks.reshape(-1)).view(*blocks.shape[:-1], -1, *cache.shape[2:])
-    return gathered[..., :length, :, :]
+    return gathered.narrow(blocks.dim() - 1, 0, length)
+
+
+def _gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, length: int,
+               scales: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the first `length` keys and values [..., length, Hkv, D] in `dtype`, an int8
+    cache's dequantised with its scale pools."""
+    k, v = _gather(k_cache, table, length), _gather(v_cache, table, length)
+    if scales is None:
+        return k, v
+    return (dequantize_vectors(k, _gather(scales[0], table, length), dtype),
+            dequantize_vectors(v, _gather(scales[1], table, length), dtype))
 
 
 def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -56,8 +68,10 @@ def paged_attention_ref(
     context_lens: tuple[int, ...],
     query_lens: tuple[int, ...],
     sliding_window: int | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] packed in sequence order, T = sum(query_lens) -> [T, Hq, D]."""
+    """q [T, Hq, D] packed in sequence order, T = sum(query_lens) -> [T, Hq, D]; `scales`: an int8
+    cache's K and V scale pools (kernels.kv_quant), else None."""
     assert q.shape[0] == sum(query_lens) and len(context_lens) == len(query_lens) == block_tables.shape[0]
     out = torch.empty_like(q)
     starts = [0]
@@ -70,7 +84,7 @@ def paged_attention_ref(
         lengths = [context_lens[i] for i in decoding]
         longest = max(lengths)
         table = block_tables if every else block_tables[torch.tensor(decoding, device=q.device)]
-        k, v = _gather(k_cache, table, longest), _gather(v_cache, table, longest)  # (B, L, Hkv, D), copies
+        k, v = _gather_kv(k_cache, v_cache, table, longest, scales, q.dtype)  # (B, L, Hkv, D), copies
         mask = None  # equal lengths and no window in reach: plain SDPA, its fastest path
         if min(lengths) < longest or (sliding_window is not None and longest > sliding_window):
             for row, n in enumerate(lengths):
@@ -87,7 +101,7 @@ def paged_attention_ref(
         if n == 1:
             continue
         length = context_lens[i]
-        k, v = _gather(k_cache, block_tables[i], length), _gather(v_cache, block_tables[i], length)
+        k, v = _gather_kv(k_cache, v_cache, block_tables[i], length, scales, q.dtype)
         key_pos = torch.arange(length, device=q.device)
         mask = visible(key_pos[length - n:], key_pos, sliding_window)
         out[starts[i]:starts[i + 1]] = sdpa(q[starts[i]:starts[i + 1]][None], k[None], v[None], mask[None])[0]
@@ -105,11 +119,11 @@ NO_WINDOW = 1 << 30  # "no sliding window": a window longer than any context
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr,
-    stride_qt, stride_qh, stride_slot, stride_kh, stride_tb, stride_ot, stride_oh,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, tables_ptr, lens_ptr,
+    stride_qt, stride_qh, stride_slot, stride_kh, stride_scale_slot, stride_tb, stride_ot, stride_oh,
     scale, window,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, INT8: tl.constexpr,
 ):
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     length = tl.load(lens_ptr + seq)
@@ -133,7 +147,13 @@ def _paged_decode_kernel(
         kv_offs = slot[:, None] * stride_slot + kv_head * stride_kh + offs_d[None, :]
         k = tl.load(k_ptr + kv_offs, mask=valid[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
         v = tl.load(v_ptr + kv_offs, mask=valid[:, None], other=0.0)
-        if UPCAST:
+        if INT8:  # levels x their vector's scale (kernels.kv_quant), in the queries' dtype
+            scale_offs = slot * stride_scale_slot + kv_head
+            k_scale = tl.load(ks_ptr + scale_offs, mask=valid, other=0.0)
+            v_scale = tl.load(vs_ptr + scale_offs, mask=valid, other=0.0)
+            k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+        elif UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -172,8 +192,10 @@ def paged_decode_triton(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     sliding_window: int | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, D] (one new token per sequence), context_lens int32 [B] on q's device -> [B, Hq, D]."""
+    """q [B, Hq, D] (one new token per sequence), context_lens int32 [B] on q's device -> [B, Hq, D];
+    `scales`: an int8 cache's K and V scale pools [blocks, block_size, Hkv] (kernels.kv_quant)."""
     if not paged_decode_supported(q, k_cache) or k_cache.shape != v_cache.shape or not v_cache.is_contiguous():
         raise ValueError(f"paged decode takes q [B, Hq, D] with D a power of two >= 16 and contiguous caches "
                          f"[blocks, block_size, Hkv, D]; got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
@@ -181,14 +203,19 @@ def paged_decode_triton(
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    int8 = scales is not None
+    if int8 and not (k_cache.dtype == v_cache.dtype == torch.int8 and all(
+            s.shape == k_cache.shape[:3] and s.is_contiguous() and s.dtype == torch.float32 for s in scales)):
+        raise ValueError(f"an int8 cache takes int8 pools and float32 scale pools {tuple(k_cache.shape[:3])}")
     out = torch.empty_like(q)
     upcast = INTERPRET and q.dtype == torch.bfloat16
+    k_scales, v_scales = scales if int8 else (k_cache, v_cache)  # unread without INT8
     _paged_decode_kernel[(batch, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens,
-        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q, k_cache, v_cache, k_scales, v_scales, out, block_tables, context_lens,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), k_scales.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         head_dim ** -0.5, sliding_window or NO_WINDOW,
         GROUP=group, GROUP_PAD=max(MIN_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, UPCAST=upcast, IEEE=upcast or q.dtype == torch.float32,
+        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, UPCAST=upcast, IEEE=upcast or q.dtype == torch.float32, INT8=int8,
     )
     return out

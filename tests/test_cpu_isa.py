@@ -83,6 +83,13 @@ def test_decode_attention_matches_float64(isa, window):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_int8_cache_decode_attention_matches_float64(isa, window):
+    from test_kv_int8 import check_native_int8_decode
+
+    check_native_int8_decode([1, 33, 70, 16], 3, 32, 16, window)
+
+
 def test_native_decoder_layer_matches_the_per_operation_path(isa, tmp_path):
     from test_cpu_decoder import _decode_batch, _model, _run_both
 

@@ -1,5 +1,6 @@
 """The paged KV cache's memory: per layer one block pool for K and one for V (or for their LoRC
-latents), sized from a byte budget."""
+latents), sized from a byte budget; an int8 cache (kernels.kv_quant) adds a float32 scale pool
+beside each."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ CUDA_FREE_FRACTION = 0.9
 
 def bytes_per_block(model: CausalLM, block_size: int) -> int:
     """Bytes one block of `block_size` tokens takes over all layers (K and V, or their LoRC latents)."""
-    itemsize = model.dtype.itemsize
-    per_token = sum(math.prod(shape) for layer in model.model.layers for shape in layer.self_attn.cache_shapes())
-    return block_size * per_token * itemsize
+    per_token = 0
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for shape in attn.cache_shapes():
+            per_token += math.prod(shape) + 4 * math.prod(shape[:-1]) if attn.kv_int8 \
+                else math.prod(shape) * model.dtype.itemsize
+    return block_size * per_token
 
 
 def default_budget(device: torch.device) -> int:
@@ -28,12 +33,17 @@ def default_budget(device: torch.device) -> int:
 
 
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed pools [num_blocks, block_size, *cache_shapes] per layer, handed to each attention module."""
+    """Zeroed pools [num_blocks, block_size, *cache_shapes] per layer, handed to each attention module
+    (int8 ones with their scale pools [num_blocks, block_size, *cache_shapes[:-1]])."""
     caches = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        kv = tuple(torch.zeros((num_blocks, block_size, *shape), dtype=model.dtype, device=model.device)
+        dtype = torch.int8 if attn.kv_int8 else model.dtype
+        kv = tuple(torch.zeros((num_blocks, block_size, *shape), dtype=dtype, device=model.device)
                    for shape in attn.cache_shapes())
         attn.kv_cache = kv
+        attn.kv_scales = tuple(torch.zeros((num_blocks, block_size, *shape[:-1]), dtype=torch.float32,
+                                           device=model.device) for shape in attn.cache_shapes()) \
+            if attn.kv_int8 else None
         caches.append(kv)
     return caches

@@ -65,14 +65,16 @@ FLASH_PAGE_MULTIPLE = 256  # flash-attn's paged KV cache takes pages of a multip
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
-                     sliding_window: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None,
+                     scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """New queries [T, Hq, D] over the paged cache (their own K/V already written there) -> [T, Hq, D].
 
-    flash-attn's paged decode when installed, on CUDA, with pages it accepts; otherwise
-    `kernels.paged_attention` (the Triton decode kernel or the torch reference). The CPU serving
+    flash-attn's paged decode when installed, on CUDA, with pages it accepts and a float cache;
+    otherwise `kernels.paged_attention` (the Triton decode kernel or the torch reference), which
+    also read an int8 cache (`scales`: its K and V scale pools, kernels.kv_quant). The CPU serving
     form's attention (`engine.model.cpu_serving`) takes decode steps to the native kernel first.
     """
-    flash = _flash("flash_attn_with_kvcache", q)
+    flash = _flash("flash_attn_with_kvcache", q) if scales is None else None
     decoding = ctx.max_seqlen == 1
     if flash is not None and decoding and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
         lens = device_lens(ctx.context_lens, ctx.context_lens_tensor, q.device)
@@ -81,7 +83,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                     window_size=window)
         return out[:, 0]
     return paged_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.seqlens, sliding_window,
-                           ctx.context_lens_tensor)
+                           ctx.context_lens_tensor, scales)
 
 
 def latent_cached_attention(q: torch.Tensor, ck_cache: torch.Tensor, cv_cache: torch.Tensor, k_up: torch.Tensor,

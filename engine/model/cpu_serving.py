@@ -121,7 +121,7 @@ class NativeAttention(Attention):
     def _cached_attention(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if ctx.max_seqlen == 1:
             lens = device_lens(ctx.context_lens, ctx.context_lens_tensor, q.device)
-            return native_paged_decode(q, *self.kv_cache, ctx.block_tables, lens, self.sliding_window)
+            return native_paged_decode(q, *self.kv_cache, ctx.block_tables, lens, self.sliding_window, self.kv_scales)
         return super()._cached_attention(q, ctx)
 
 
@@ -160,7 +160,7 @@ class NativeDecoderLayer(DecoderLayer):
             return super().forward(x, cos, sin, ctx)
         k_cache, v_cache = self.self_attn.kv_cache
         return decode_layer(self.description, x, cos, sin, ctx.slot_mapping, k_cache, v_cache, ctx.block_tables,
-                            ctx.context_lens_tensor)  # x is updated in place
+                            ctx.context_lens_tensor, self.self_attn.kv_scales)  # x is updated in place
 
 
 def _swap(root: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> None:

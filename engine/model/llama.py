@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.kv_quant import dequantize_vectors, quantize_vectors
+
 from .attention import AttentionContext, cached_attention, causal_attention, latent_cached_attention
 from .config import ModelConfig
 from .layers import Linear, LowRankLinear, RMSNorm, SwiGLU
@@ -26,6 +28,8 @@ class Attention(nn.Module):
         self.v_proj = Linear(config.hidden_size, config.kv_size, config.qkv_bias)
         self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache for this layer
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # an int8 cache's scales [blocks, bs, Hkv]
+        self.kv_int8 = False  # set by `use_int8_kv`: K/V cached as int8 (kernels.kv_quant)
         self.inv_freq: torch.Tensor | None = None  # set by `use_latent_kv`: keys are rebuilt and rotated there
         self.rope = RoPE()
 
@@ -40,6 +44,13 @@ class Attention(nn.Module):
             raise ValueError("a latent KV cache needs factorised k_proj and v_proj")
         self.inv_freq = inv_freq
 
+    def use_int8_kv(self) -> None:
+        """Cache K and V as int8 vectors with one scale each, and attend to them as stored (kernels.kv_quant)."""
+        if self.latent:
+            raise ValueError("an int8 KV cache takes keys and values, not LoRC latents (kv_cache_dtype='auto' "
+                             "for a LoRC folder)")
+        self.kv_int8 = True
+
     def cache_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-token shapes of what this layer caches: (r_k,), (r_v,) latents, or K and V [Hkv, D]."""
         if self.latent:
@@ -52,14 +63,26 @@ class Attention(nn.Module):
             cached = self.k_proj.down(x), self.v_proj.down(x)  # (T, r_k), (T, r_v)
         else:
             cached = self._keys_values(self.k_proj(x), self.v_proj(x), cos, sin)  # (T, Hkv, hd) each
+        stored = cached
+        if self.kv_int8:  # what is stored is what is attended to, cached or not
+            stored = tuple(quantize_vectors(t) for t in cached)
+            cached = tuple(dequantize_vectors(levels, scales, x.dtype) for levels, scales in stored)
         if ctx.slot_mapping is not None:
-            for cache, new in zip(self.kv_cache, cached):  # pools (blocks, block_size, *cache_shapes), set by the engine
-                cache.view(-1, *new.shape[1:])[ctx.slot_mapping] = new
+            self._write_cache(stored, ctx.slot_mapping)
             if ctx.reads_cache:
                 return self.o_proj(self._cached_attention(q, ctx).flatten(-2))
         k, v = self._keys_values(self.k_proj.up(cached[0]), self.v_proj.up(cached[1]), cos, sin) if self.latent \
             else cached
         return self.o_proj(causal_attention(q, k, v, ctx, self.sliding_window).flatten(-2))
+
+    def _write_cache(self, new: tuple, slots: torch.Tensor) -> None:
+        """This step's cached tensors into their slots of the pools [blocks, block_size, *cache_shapes]
+        (set by the engine); for an int8 cache `new` is ((K levels, K scales), (V levels, V scales))."""
+        pools, parts = self.kv_cache, new
+        if self.kv_int8:
+            pools, parts = (*self.kv_cache, *self.kv_scales), (new[0][0], new[1][0], new[0][1], new[1][1])
+        for pool, part in zip(pools, parts):
+            pool.view(-1, *part.shape[1:])[slots] = part
 
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projected k, v [T, kv_size] -> (rotated keys, values), each [T, Hkv, hd]."""
@@ -68,7 +91,7 @@ class Attention(nn.Module):
 
     def _cached_attention(self, q: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if not self.latent:
-            return cached_attention(q, *self.kv_cache, ctx, self.sliding_window)
+            return cached_attention(q, *self.kv_cache, ctx, self.sliding_window, self.kv_scales)
         k, v = self.k_proj, self.v_proj
         return latent_cached_attention(q, *self.kv_cache, k.A, v.A, k.bias, v.bias, self.inv_freq, ctx,
                                        self.sliding_window)
@@ -128,6 +151,11 @@ class CausalLM(nn.Module):
         """Every layer caches LoRC latents (a folder whose manifest has `kv_latent`)."""
         for layer in self.model.layers:
             layer.self_attn.use_latent_kv(self.model.rotary.inv_freq)
+
+    def use_int8_kv(self) -> None:
+        """Every layer caches (and attends to) int8 keys and values (`kv_cache_dtype="int8"`)."""
+        for layer in self.model.layers:
+            layer.self_attn.use_int8_kv()
 
     @property
     def device(self) -> torch.device:

@@ -6,6 +6,11 @@
  * online softmax (flash-decoding's recurrence) for the group of query heads sharing that KV head.
  * The pairs are split across OpenMP threads. float32, head_dim a multiple of 16.
  *
+ * An int8 cache (kernels/kv_quant.py) comes with its scale pools k_scales, v_scales [num_blocks,
+ * block_size, Hkv], one per cached vector: each key and value row is widened and scaled into a
+ * float row on the stack (in L1) as it is read, and the float code runs on that, so the cache is
+ * read at a quarter of the bytes and the arithmetic is the float kernel's. NULL scales: float32.
+ *
  * Layouts: q, out [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D];
  * block_tables int32 [B, table_stride]; context_lens int32 [B] (tokens per sequence, the new one
  * included). Query head h reads KV head h / (Hq / Hkv). A key j is visible when j < len and, with
@@ -19,7 +24,7 @@
 
 #define CHUNK 32          /* keys scored together: one softmax rescale per chunk, one exp per score */
 #define PREFETCH_KEYS 8   /* keys ahead whose K and V rows are fetched while this one is scored */
-#define LINE_FLOATS 16    /* floats per 64-byte cache line */
+#define LINE 64           /* bytes per cache line */
 
 #if defined(__clang__) || __GNUC__ >= 12  /* __builtin_shufflevector: halve in registers */
 typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
@@ -68,28 +73,39 @@ static inline void scale_add(float *acc, float a, const float *v, float b, int64
     }
 }
 
-/* A walk through a sequence's keys in order: the row of key j in a cache [blocks, block_size, Hkv,
- * D] through its block table, with no division per key (two 64-bit divisions per key took ~1/5 of
- * a batch-16 SmolLM2 decode step's attention on a Zen 3). */
+/* A walk through a sequence's keys in order: the cache slot (block * block_size + offset) of key j
+ * through its block table, with no division per key (two 64-bit divisions per key took ~1/5 of a
+ * batch-16 SmolLM2 decode step's attention on a Zen 3). */
 typedef struct {
     const int32_t *table;
-    int64_t block, offset, block_size, block_stride, token_stride;
+    int64_t block, offset, block_size;
 } key_cursor;
 
-static inline key_cursor cursor_at(const int32_t *table, int64_t j, int64_t block_size, int64_t block_stride,
-                                   int64_t token_stride)
+static inline key_cursor cursor_at(const int32_t *table, int64_t j, int64_t block_size)
 {
-    return (key_cursor){table, j / block_size, j % block_size, block_size, block_stride, token_stride};
+    return (key_cursor){table, j / block_size, j % block_size, block_size};
 }
 
-static inline int64_t cursor_next(key_cursor *c) /* the current key's row offset; then step to the next key */
+static inline int64_t cursor_next(key_cursor *c) /* the current key's slot; then step to the next key */
 {
-    const int64_t at = (int64_t)c->table[c->block] * c->block_stride + c->offset * c->token_stride;
+    const int64_t slot = (int64_t)c->table[c->block] * c->block_size + c->offset;
     if (++c->offset == c->block_size) {
         c->offset = 0;
         c->block++;
     }
-    return at;
+    return slot;
+}
+
+/* Row `row` (slot * Hkv + head) of a cache as D floats: in place for a float cache; an int8 one's
+ * levels widened and scaled into `buf` (one multiply per value, as kernels/kv_quant.py's
+ * dequantize_vectors does). */
+static inline const float *cache_row(const void *cache, const float *scales, int64_t row, int64_t D, float *buf)
+{
+    if (!scales) return (const float *)cache + row * D;
+    const int8_t *levels = (const int8_t *)cache + row * D;
+    const float d = scales[row];
+    for (int64_t i = 0; i < D; i++) buf[i] = (float)levels[i] * d;
+    return buf;
 }
 
 int check_tables(const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B,
@@ -111,11 +127,12 @@ int lowrank_cpu_paged_decode_supports(int64_t Hq, int64_t Hkv, int64_t D)
     return Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP && D <= MAX_HEAD_DIM && D % HEAD_DIM_MULTIPLE == 0;
 }
 
-void paged_decode_shared(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
-                         int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
-                         int64_t D, int64_t block_size, int64_t window, float scale, float *out)
+void paged_decode_shared(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
+                         const float *v_scales, const int32_t *block_tables, int64_t table_stride,
+                         const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                         int64_t block_size, int64_t window, float scale, float *out)
 {
-    const int64_t G = Hq / Hkv, token_stride = Hkv * D, block_stride = block_size * token_stride;
+    const int64_t G = Hq / Hkv, row_bytes = D * (k_scales ? 1 : (int64_t)sizeof(float));
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < B * Hkv; pair++) {
         const int64_t b = pair / Hkv, h = pair % Hkv, len = context_lens[b];
@@ -124,9 +141,11 @@ void paged_decode_shared(const float *q, const float *k_cache, const float *v_ca
         const float *qg = q + (b * Hq + h * G) * D;
         float m[MAX_GROUP], l[MAX_GROUP], p[MAX_GROUP][CHUNK] __attribute__((aligned(64)));
         float acc[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64)));
+        float key_buf[MAX_HEAD_DIM] __attribute__((aligned(64)));           /* an int8 cache's rows, */
+        float value_buf[CHUNK][MAX_HEAD_DIM] __attribute__((aligned(64)));  /* widened and scaled */
         const float *values[CHUNK];
-        key_cursor key = cursor_at(table, first, block_size, block_stride, token_stride);
-        key_cursor ahead = cursor_at(table, first + PREFETCH_KEYS, block_size, block_stride, token_stride);
+        key_cursor key = cursor_at(table, first, block_size);
+        key_cursor ahead = cursor_at(table, first + PREFETCH_KEYS, block_size);
         for (int64_t g = 0; g < G; g++) {
             m[g] = -INFINITY;
             l[g] = 0.0f;
@@ -137,15 +156,16 @@ void paged_decode_shared(const float *q, const float *k_cache, const float *v_ca
             for (int64_t c = 0; c < n; c++) {  /* scores of the chunk's keys, read in place */
                 if (start + c + PREFETCH_KEYS < len) {  /* the cache is scattered and cold (weights stream
                                                          * between layers): fetch ahead, a line at a time */
-                    const int64_t next = cursor_next(&ahead) + h * D;
-                    for (int64_t d = 0; d < D; d += LINE_FLOATS) {
-                        __builtin_prefetch(k_cache + next + d, 0, 0);
-                        __builtin_prefetch(v_cache + next + d, 0, 0);
+                    const int64_t next = (cursor_next(&ahead) * Hkv + h) * row_bytes;
+                    for (int64_t byte = 0; byte < row_bytes; byte += LINE) {
+                        __builtin_prefetch((const char *)k_cache + next + byte, 0, 0);
+                        __builtin_prefetch((const char *)v_cache + next + byte, 0, 0);
                     }
                 }
-                const int64_t at = cursor_next(&key) + h * D;
-                values[c] = v_cache + at;
-                for (int64_t g = 0; g < G; g++) p[g][c] = dot(qg + g * D, k_cache + at, D) * scale;
+                const int64_t row = cursor_next(&key) * Hkv + h;
+                const float *k = cache_row(k_cache, k_scales, row, D, key_buf);
+                values[c] = cache_row(v_cache, v_scales, row, D, value_buf[c]);
+                for (int64_t g = 0; g < G; g++) p[g][c] = dot(qg + g * D, k, D) * scale;
             }
             for (int64_t g = 0; g < G; g++) {  /* online softmax: rescale once, exponentials LANES at a time */
                 float m_new = m[g];
@@ -173,15 +193,16 @@ void paged_decode_shared(const float *q, const float *k_cache, const float *v_ca
 
 /* Returns 0; -1 when a size is beyond this kernel, -2 when a length or block id is out of range
  * (checked before anything is read). */
-int lowrank_cpu_paged_decode(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
-                             int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
-                             int64_t D, int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out,
+int lowrank_cpu_paged_decode(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
+                             const float *v_scales, const int32_t *block_tables, int64_t table_stride,
+                             const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                             int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out,
                              int threads)
 {
     if (!lowrank_cpu_paged_decode_supports(Hq, Hkv, D)) return -1;
     if (check_tables(block_tables, table_stride, context_lens, B, block_size, num_blocks)) return -2;
 #pragma omp parallel num_threads(threads)
-    paged_decode_shared(q, k_cache, v_cache, block_tables, table_stride, context_lens, B, Hq, Hkv, D, block_size,
-                        window, scale, out);
+    paged_decode_shared(q, k_cache, v_cache, k_scales, v_scales, block_tables, table_stride, context_lens, B, Hq,
+                        Hkv, D, block_size, window, scale, out);
     return 0;
 }

@@ -11,8 +11,10 @@
  * of gemm.c, attention.c and elementwise.c, separated by their barriers.
  *
  * Layouts: x [T, hidden] (updated in place); cos/sin [T, head_dim]; slots int64 [T] (cache slot
- * of each new token: block * block_size + offset); caches [num_blocks, block_size, Hkv, D];
- * block_tables int32 [T, table_stride]; context_lens int32 [T] (the new token included).
+ * of each new token: block * block_size + offset); caches [num_blocks, block_size, Hkv, D], float32,
+ * or int8 with their scale pools [num_blocks, block_size, Hkv] (kernels/kv_quant.py: the new vectors
+ * are quantised here exactly as quantize_vectors does); block_tables int32 [T, table_stride];
+ * context_lens int32 [T] (the new token included).
  */
 #include <math.h>
 #include <stdint.h>
@@ -58,6 +60,40 @@ static void silu_mul_shared(float *g, const float *u, int64_t T, int64_t I)
     }
 }
 
+/* One cached vector x [D] as int8 levels and its scale: d = max|x| / 127, q = round(x / d) with a
+ * true division and round-half-to-even (rintf), clamped to [-127, 127], q = 0 where d = 0. */
+static void quantize_vector(const float *x, int64_t D, int8_t *levels, float *scale)
+{
+    float amax = 0.0f;
+    for (int64_t i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float d = amax / 127.0f, divisor = d > 0.0f ? d : 1.0f;
+    for (int64_t i = 0; i < D; i++) {
+        const float r = rintf(x[i] / divisor);
+        levels[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+    }
+    *scale = d;
+}
+
+/* The new tokens' K and V rows [T, Hkv, D] into their cache slots. */
+static void write_cache_shared(const float *k, const float *v, const int64_t *slots, int64_t T, int64_t Hkv,
+                               int64_t D, void *k_cache, void *v_cache, float *k_scales, float *v_scales)
+{
+    const int64_t kv = Hkv * D;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        if (!k_scales) {
+            memcpy((float *)k_cache + slots[t] * kv, k + t * kv, sizeof(float) * kv);
+            memcpy((float *)v_cache + slots[t] * kv, v + t * kv, sizeof(float) * kv);
+            continue;
+        }
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t row = slots[t] * Hkv + h;
+            quantize_vector(k + t * kv + h * D, D, (int8_t *)k_cache + row * D, k_scales + row);
+            quantize_vector(v + t * kv + h * D, D, (int8_t *)v_cache + row * D, v_scales + row);
+        }
+    }
+}
+
 static int64_t max_rank(const cpu_decoder_layer *L)
 {
     const cpu_linear *all[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
@@ -70,9 +106,10 @@ static int64_t max_rank(const cpu_decoder_layer *L)
  * or a block id lies outside the cache or the tables (checked before anything is written), -3
  * when the scratch memory cannot be had. */
 int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, const float *cos_table,
-                              const float *sin_table, const int64_t *slots, float *k_cache, float *v_cache,
-                              int64_t num_blocks, int64_t block_size, const int32_t *block_tables,
-                              int64_t table_stride, const int32_t *context_lens, int threads)
+                              const float *sin_table, const int64_t *slots, void *k_cache, void *v_cache,
+                              float *k_scales, float *v_scales, int64_t num_blocks, int64_t block_size,
+                              const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,
+                              int threads)
 {
     const int64_t C = L->hidden, I = L->intermediate, Hq = L->num_heads, Hkv = L->num_kv_heads, D = L->head_dim;
     if (!lowrank_cpu_paged_decode_supports(Hq, Hkv, D) || D % 2) return -1;
@@ -96,13 +133,9 @@ int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, c
         linear_shared(&L->v, h, T, C, kv, low, v);
         rope_shared(q, cos_table, sin_table, T, Hq, D, q);
         rope_shared(k, cos_table, sin_table, T, Hkv, D, k);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) { /* the new tokens' keys and values into their cache slots */
-            memcpy(k_cache + slots[t] * kv, k + t * kv, sizeof(float) * kv);
-            memcpy(v_cache + slots[t] * kv, v + t * kv, sizeof(float) * kv);
-        }
-        paged_decode_shared(q, k_cache, v_cache, block_tables, table_stride, context_lens, T, Hq, Hkv, D, block_size,
-                            L->window, 1.0f / sqrtf((float)D), att);
+        write_cache_shared(k, v, slots, T, Hkv, D, k_cache, v_cache, k_scales, v_scales);
+        paged_decode_shared(q, k_cache, v_cache, k_scales, v_scales, block_tables, table_stride, context_lens, T, Hq,
+                            Hkv, D, block_size, L->window, 1.0f / sqrtf((float)D), att);
         linear_shared(&L->o, att, T, Hq * D, C, low, proj);
         add_shared(x, proj, T, C);
         rmsnorm_shared(x, L->post_norm, T, C, L->eps, h);

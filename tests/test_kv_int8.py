@@ -1,0 +1,172 @@
+"""The int8 KV cache (kernels.kv_quant): the format's bounds, every reader (torch reference, native,
+Triton under the interpreter) against float64 attention over the dequantised cache, the native
+writer against the torch one, and the engine against the reference decoding of the same model.
+
+Stale slots (unused blocks, past each context) keep random levels and a NaN scale, so a reader
+that touches one shows NaN.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import dense_attention_ref, interpreted, save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.core.kv_cache import bytes_per_block
+from engine.eval.reference_decoding import stream_tokens
+from engine.model.loader import load_model
+from kernels.cpu import build as cpu_native
+from kernels.kv_quant import dequantize_vectors, quantize_vectors
+from kernels.paged_attention import paged_attention_ref, paged_decode_triton
+
+no_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+native_off = pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",
+                                reason=f"{cpu_native.DISABLE_ENV}=0 turns the native kernels off")
+
+
+def int8_pools(pools: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Float pools with NaN in their stale slots -> (levels, scales) each, the stale scales NaN."""
+    out = []
+    for pool in pools:
+        stale = pool.isnan().any(-1)
+        levels, scales = quantize_vectors(pool.nan_to_num(0.0) * 3)
+        levels[stale] = torch.randint(-127, 128, levels[stale].shape, dtype=torch.int8)
+        scales[stale] = float("nan")
+        out.append((levels, scales))
+    return out
+
+
+def int8_case(lengths, group, head_dim, block_size, hkv=2, seed=0):
+    """Queries, int8 K/V pools with their scales, tables, and the dequantised keys and values per sequence."""
+    torch.manual_seed(seed)
+    pools, tables = shuffled_paged_pools(lengths, [(hkv, head_dim)] * 2, "cpu", block_size)
+    (k, ks), (v, vs) = int8_pools(pools)
+    q = torch.randn(len(lengths), hkv * group, head_dim)
+    keys, values = [], []
+    for i, n in enumerate(lengths):
+        blocks = tables[i].long()
+        keys.append(dequantize_vectors(k[blocks].flatten(0, 1)[:n], ks[blocks].flatten(0, 1)[:n], torch.float64))
+        values.append(dequantize_vectors(v[blocks].flatten(0, 1)[:n], vs[blocks].flatten(0, 1)[:n], torch.float64))
+    return q, (k, v), (ks, vs), tables, keys, values
+
+
+def check_native_int8_decode(lengths, group, head_dim, block_size, window):
+    from kernels.cpu.attention import native_decode_applies, native_paged_decode
+
+    q, (k, v), scales, tables, keys, values = int8_case(lengths, group, head_dim, block_size)
+    assert native_decode_applies(q, k, v, scales) and not native_decode_applies(q, k, v)
+    got = native_paged_decode(q, k, v, tables, torch.tensor(lengths), window, scales)
+    want = dense_attention_ref(q, keys, values, (1,) * len(lengths), window)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_the_format_rounds_each_vector_to_its_own_scale():
+    x = torch.randn(50, 3, 64) * torch.logspace(-6, 4, 50)[:, None, None]
+    x[7, 1] = 0.0  # an all-zero vector: scale 0, levels 0
+    levels, scales = quantize_vectors(x)
+    assert levels.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (50, 3)
+    assert levels.abs().max() == 127 and (levels.abs().amax(-1)[scales > 0] == 127).all()  # the largest maps to ±127
+    assert (levels[7, 1] == 0).all() and scales[7, 1] == 0
+    err = (dequantize_vectors(levels, scales, torch.float64) - x.double()).abs()
+    assert (err <= scales.double().unsqueeze(-1) * (0.5 + 1e-6)).all()  # round to nearest: within half a step
+    assert dequantize_vectors(levels, scales, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("lengths", [[1], [31, 32, 33, 65], [1, 17, 100, 3, 250]], ids=["one", "chunks", "ragged"])
+@pytest.mark.parametrize("window", [None, 7])
+def test_reference_reads_the_int8_cache(lengths, window):
+    q, (k, v), scales, tables, keys, values = int8_case(lengths, 3, 64, 16)
+    got = paged_attention_ref(q, k, v, tables, tuple(lengths), (1,) * len(lengths), window, scales)
+    torch.testing.assert_close(got.double(), dense_attention_ref(q, keys, values, (1,) * len(lengths), window),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_reference_reads_the_int8_cache_for_prefill_chunks():
+    lengths, query_lens = [40, 9], (6, 9)
+    q, (k, v), scales, tables, keys, values = int8_case(lengths, 2, 32, 4)
+    q = torch.randn(sum(query_lens), q.shape[1], 32)
+    got = paged_attention_ref(q, k, v, tables, tuple(lengths), query_lens, None, scales)
+    torch.testing.assert_close(got.double(), dense_attention_ref(q, keys, values, query_lens, None),
+                               atol=2e-5, rtol=2e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("window", [None, 40])
+def test_triton_decode_reads_the_int8_cache(window):
+    lengths = [1, 70, 33]
+    q, (k, v), scales, tables, keys, values = int8_case(lengths, 3, 32, 16)
+    for pool in scales:  # the kernel loads masked slots as 0: NaN scales are for the CPU readers' strays
+        pool.nan_to_num_(0.0)
+    got = paged_decode_triton(q, k, v, tables, torch.tensor(lengths, dtype=torch.int32), window, scales)
+    torch.testing.assert_close(got.double(), dense_attention_ref(q, keys, values, (1,) * len(lengths), window),
+                               atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("lengths,block_size", [([1], 16), ([31, 32, 33, 64, 65], 16), ([1, 17, 100, 3], 5)])
+@pytest.mark.parametrize("group,head_dim", [(1, 16), (3, 64), (8, 128)])
+@pytest.mark.parametrize("window", [None, 40])
+@no_compiler
+@native_off
+def test_native_decode_reads_the_int8_cache(lengths, block_size, group, head_dim, window):
+    check_native_int8_decode(lengths, group, head_dim, block_size, window)
+
+
+@pytest.mark.parametrize("rank_fraction", [None, 0.4], ids=["dense", "factorised"])
+@no_compiler
+@native_off
+def test_native_decoder_layer_writes_what_the_torch_writer_writes(rank_fraction, tmp_path):
+    from test_cpu_decoder import _decode_batch, _model, _run_both
+
+    model = _model("qwen2-bias", tmp_path, rank_fraction)
+    model.use_int8_kv()
+    ids, positions, ctx, float_pools = _decode_batch(model, [7, 1, 33, 16, 17], 4)
+    pools = []
+    for layer, k_v in zip(model.model.layers, zip(float_pools[0::2], float_pools[1::2])):
+        (k, ks), (v, vs) = int8_pools(list(k_v))
+        layer.self_attn.kv_cache, layer.self_attn.kv_scales = (k, v), (ks, vs)
+        pools += [k, v, ks, vs]
+    (got, got_pools), (want, want_pools) = _run_both(model, ids, positions, ctx, pools)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    for i, (g, w) in enumerate(zip(got_pools, want_pools)):
+        if g.dtype == torch.int8:  # levels: equal, up to a tie broken the other way by float noise
+            assert (g.int() - w.int()).abs().max() <= 1 and (g != w).float().mean() < 1e-3
+        else:
+            torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
+def test_engine_with_an_int8_cache_equals_the_reference_decoding(name, tmp_path, cpu_kernels):
+    from test_cpu_decoder import CONFIGS, VOCAB
+
+    save_tiny_model(CONFIGS[name], tmp_path)
+    save_tiny_tokenizer(tmp_path, VOCAB)
+    reference = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    reference.use_int8_kv()  # a cache-free forward attending to the rounded K/V
+    llm = LLM(tmp_path, dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=128,
+              kv_cache_dtype="int8", max_num_batched_tokens=32)  # 32: prompts prefill in chunks over the cache
+    assert llm.runner.kv_cache[0][0].dtype == torch.int8
+    prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in (3, 17, 40)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == list(stream_tokens(reference, prompt, 12))
+
+
+def test_int8_cache_bytes_and_bad_settings(tmp_path):
+    from test_cpu_decoder import CONFIGS
+
+    save_tiny_model(CONFIGS["llama-gqa"], tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    attn = model.model.layers[0].self_attn
+    vectors = len(model.model.layers) * 2 * attn.num_kv_heads  # per token
+    assert bytes_per_block(model, 16) == 16 * vectors * attn.head_dim * 4
+    model.use_int8_kv()
+    assert bytes_per_block(model, 16) == 16 * vectors * (attn.head_dim + 4)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', 'int8', got 'fp8'"):
+        EngineConfig(kv_cache_dtype="fp8")
+    model.model.layers[0].self_attn.inv_freq = model.model.rotary.inv_freq  # as a LoRC folder's layers are
+    with pytest.raises(ValueError, match="int8 KV cache takes keys and values, not LoRC latents"):
+        model.model.layers[0].self_attn.use_int8_kv()
