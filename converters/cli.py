@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from engine.config import KV_DTYPES
+
 from .atomic import atomic_write_text
 from .cli_types import Parser, float_in, port_number, positive_float, positive_int, ratio_value, seconds
 from .pull import REGISTRY, PullError, pull
@@ -76,6 +78,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     text_path = Path(args.text) if args.text else default_text()
     text = load_text(text_path, args.max_chars)
     model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
+    if args.kv_cache_dtype == "int8":
+        model.use_int8_kv()  # attends to the int8-rounded K/V, as the engine serves them
     tokenizer = load_tokenizer(path)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     result = perplexity(model, ids, ctx=args.ctx, stride=args.ctx if args.stride is None else args.stride, batch_size=args.batch_size)
@@ -83,10 +87,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(
         f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.4f} nats) on {text_path}: "
         f"{result.scored_tokens} of {result.total_tokens} tokens scored in {result.windows} windows, "
-        f"ctx {result.ctx}, stride {result.stride}, {dtype} on {model.device}, {result.seconds:.1f} s"
+        f"ctx {result.ctx}, stride {result.stride}, {dtype} on {model.device}, KV {args.kv_cache_dtype}, "
+        f"{result.seconds:.1f} s"
     )
     if json_path:
-        record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype}
+        record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype,
+                  "kv_cache_dtype": args.kv_cache_dtype}
         atomic_write_text(json_path, json.dumps(record | result.as_dict(), indent=2) + "\n")
 
 
@@ -287,7 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    llm = LLM(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
+    llm = LLM(path, dtype=args.dtype, device=args.device, ratio=args.ratio, kv_cache_dtype=args.kv_cache_dtype)
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     for delta in llm.stream(prompt, params):
         print(delta.text, end="", flush=True)
@@ -298,7 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from engine.server import serve
 
     given = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-             "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory}
+             "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory,
+             "kv_cache_dtype": args.kv_cache_dtype}
     settings = {k: v for k, v in given.items() if v is not None}
     if args.no_prefix_caching:
         settings["enable_prefix_caching"] = False
@@ -439,6 +446,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ratio", type=float, help="compressed folders: serve a smaller rank prefix at this ratio")
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
+                   help="auto: the model's dtype; int8: K/V as int8 with a scale per vector (default auto)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,7 @@ def test_eval_json_is_written_whole(good, tmp_path, capsys):
     (["serve", "m", "--max-num-seqs", "0"], "--max-num-seqs"),
     (["serve", "m", "--shutdown-grace", "inf"], "--shutdown-grace"),
     (["serve", "m", "--max-sequences-per-request", "0"], "--max-sequences-per-request"),
+    (["eval", "m", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
 ])
 def test_a_bad_argument_is_one_line_and_exit_2(capsys, argv, needle):
     with pytest.raises(SystemExit) as exit_:

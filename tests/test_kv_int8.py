@@ -6,6 +6,7 @@ Stale slots (unused blocks, past each context) keep random levels and a NaN scal
 that touches one shows NaN.
 """
 
+import json
 import os
 import shutil
 
@@ -170,3 +171,21 @@ def test_int8_cache_bytes_and_bad_settings(tmp_path):
     model.model.layers[0].self_attn.inv_freq = model.model.rotary.inv_freq  # as a LoRC folder's layers are
     with pytest.raises(ValueError, match="int8 KV cache takes keys and values, not LoRC latents"):
         model.model.layers[0].self_attn.use_int8_kv()
+
+
+def test_eval_scores_the_int8_cache(tmp_path, capsys, cpu_kernels):
+    from converters.cli import main
+    from test_cpu_decoder import CONFIGS, VOCAB
+
+    save_tiny_model(CONFIGS["llama-gqa"], tmp_path)
+    save_tiny_tokenizer(tmp_path, VOCAB)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{i % VOCAB}" for i in torch.randint(0, VOCAB, (300,)).tolist()))
+    results = {}
+    for kv in ("auto", "int8"):
+        assert main(["eval", str(tmp_path), "--text", str(text), "--ctx", "64", "--kv-cache-dtype", kv,
+                     "--json", str(tmp_path / f"{kv}.json")]) == 0
+        results[kv] = json.loads((tmp_path / f"{kv}.json").read_text())
+    assert results["int8"]["kv_cache_dtype"] == "int8"
+    assert results["int8"]["perplexity"] != results["auto"]["perplexity"]  # the rounding is in the pass
+    assert abs(results["int8"]["perplexity"] / results["auto"]["perplexity"] - 1) < 0.01
