@@ -59,15 +59,18 @@ def tokenize_file(tokenizer, path: str | Path) -> list[int]:
 
 @torch.inference_mode()
 def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4,
-                  only: set[str] | None = None) -> dict[str, torch.Tensor]:
+                  only: set[str] | None = None, products: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Run `windows` through `model`, summing xᵀx of each hooked linear's input into float64
-    (of the hooked modules named in `only`, when given)."""
+    (of the hooked modules named in `only`, when given). Each batch's xᵀx is computed in
+    `products`: float32 is exact enough for whitening; GPTQ takes float64, because the float32
+    roundoff, about 1e-6 of the largest eigenvalue, makes a Gram with a 1e7 condition number
+    indefinite along the directions a factor's B·H·Bᵀ then amplifies."""
     hooked = [n for n in dict.fromkeys(gram_key(n) for n in decoder_linears(model)) if only is None or n in only]
     grams: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
         def hook(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(products)
             gram = (x.T @ x).double()
             if name in grams:
                 grams[name] += gram

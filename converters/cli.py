@@ -80,6 +80,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
     if args.kv_cache_dtype == "int8":
         model.use_int8_kv()  # attends to the int8-rounded K/V, as the engine serves them
+    if args.int8_activations and model.device.type == "cpu":
+        from engine.model.cpu_serving import to_cpu_serving
+
+        to_cpu_serving(model, int8_activations=True)  # the serving kernels, as the engine runs them
     tokenizer = load_tokenizer(path)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     result = perplexity(model, ids, ctx=args.ctx, stride=args.ctx if args.stride is None else args.stride, batch_size=args.batch_size)
@@ -87,12 +91,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(
         f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.4f} nats) on {text_path}: "
         f"{result.scored_tokens} of {result.total_tokens} tokens scored in {result.windows} windows, "
-        f"ctx {result.ctx}, stride {result.stride}, {dtype} on {model.device}, KV {args.kv_cache_dtype}, "
+        f"ctx {result.ctx}, stride {result.stride}, {dtype} on {model.device}, KV {args.kv_cache_dtype}"
+        f"{', int8 activations' if args.int8_activations else ''}, "
         f"{result.seconds:.1f} s"
     )
     if json_path:
         record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype,
-                  "kv_cache_dtype": args.kv_cache_dtype}
+                  "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations}
         atomic_write_text(json_path, json.dumps(record | result.as_dict(), indent=2) + "\n")
 
 
@@ -293,7 +298,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     path = resolve_model(args.model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    llm = LLM(path, dtype=args.dtype, device=args.device, ratio=args.ratio, kv_cache_dtype=args.kv_cache_dtype)
+    llm = LLM(path, dtype=args.dtype, device=args.device, ratio=args.ratio, kv_cache_dtype=args.kv_cache_dtype,
+              int8_activations=args.int8_activations)
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     for delta in llm.stream(prompt, params):
         print(delta.text, end="", flush=True)
@@ -305,7 +311,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     given = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
              "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory,
-             "kv_cache_dtype": args.kv_cache_dtype}
+             "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations}
     settings = {k: v for k, v in given.items() if v is not None}
     if args.no_prefix_caching:
         settings["enable_prefix_caching"] = False
@@ -448,6 +454,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, help="compressed folders: serve a smaller rank prefix at this ratio")
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
                    help="auto: the model's dtype; int8: K/V as int8 with a scale per vector (default auto)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="CPU, int8/int4 weights: multiply by int8-rounded inputs where the CPU has VNNI")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,7 @@ def calibration_grams(folder: Path, config: QuantConfig) -> dict[str, torch.Tens
     model = load_model(folder, dtype=torch.float32, device=config.device)
     windows = sample_windows(tokenize_file(load_tokenizer(folder), config.calib), config.samples, config.seq_len,
                              config.seed)
-    return {k: g.cpu() for k, g in collect_grams(model, windows).items()}
+    return {k: g.cpu() for k, g in collect_grams(model, windows, products=torch.float64).items()}
 
 
 def _quantize_head(tensors: dict[str, torch.Tensor]) -> dict:

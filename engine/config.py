@@ -17,6 +17,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # the RNG of requests that bring no seed of their own
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured per batch size
+    int8_activations: bool = False  # CPU, int8 / int4 weights: multiply by int8-rounded rows where it has VNNI
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 K/V with a scale per vector (kernels.kv_quant)
 
     def __post_init__(self) -> None:
@@ -27,6 +28,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if not isinstance(self.int8_activations, bool):
+            raise ValueError(f"int8_activations must be True or False, got {self.int8_activations!r}")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_DTYPES))}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):

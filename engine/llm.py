@@ -89,7 +89,7 @@ class LLM:
                                    self.max_model_len, self.eos_token_ids)
         sampler = Sampler(self.eos_token_ids, self.model.device, self.config.seed)
         self.runner = ModelRunner(self.model, num_blocks, bs, sampler, self.config.max_num_seqs, needed,
-                                  self.config.cuda_graphs)
+                                  self.config.cuda_graphs, self.config.int8_activations)
         self._requests: dict[int, _Request] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()

@@ -145,3 +145,14 @@ def row_prefix(qw: Quantized, rows: int) -> Quantized:
     if not 0 < rows <= qw.q.shape[0]:
         raise ValueError(f"row prefix must be in [1, {qw.q.shape[0]}], got {rows}")
     return Quantized(qw.q[:rows].contiguous(), qw.scales[:rows].contiguous(), qw.bits, qw.group, qw.cols)
+
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] as the native VNNI GEMM rounds it (kernels/cpu/gemm.c), dequantised: per row and group
+    of `group` inputs, d = max|x| / 127 and q = round(x / d), in float32 as the kernel computes them."""
+    m, cols = x.shape
+    g = _grouped(x.float(), group)
+    d = g.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.round(g / torch.where(d > 0, d, torch.ones_like(d))).clamp_(-127, 127)
+    return (q * d).view(m, -1)[:, :cols]

@@ -2,9 +2,10 @@
 
 The kernels take their vector width and GEMM tile heights from the compiler's target (lowrank_cpu.h,
 gemm.c: 16 lanes and 16-row tiles with AVX-512, 8 and 6 with AVX2 (4 for int8 / int4 weights), 4
-and 3 with SSE (2)). `-march=native`
-builds only this CPU's branch, so CI would never run the others: this suite builds the library
-again for each level the CPU can execute and runs the same comparisons through it.
+and 3 with SSE (2)), and their integer products from VNNI where it is there (AVX-512 VNNI, 12-row
+tiles; AVX-VNNI, 2-row). `-march=native` builds only this CPU's branch, so CI would never run the
+others: this suite builds the library again for each level the CPU can execute and runs the same
+comparisons through it.
 """
 
 import os
@@ -24,10 +25,14 @@ pytestmark = [pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), 
               pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",
                                  reason=f"{cpu_native.DISABLE_ENV}=0 turns the native kernels off")]
 
-LEVELS = {  # -march level -> the CPU flags it needs to run
-    "x86-64": set(),  # SSE2: 4 lanes, 3-row tiles
-    "x86-64-v3": {"avx2", "fma"},  # 8 lanes, 6-row tiles
-    "x86-64-v4": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},  # 16 lanes, 16-row and 8 x 2-panel tiles
+LEVELS = {  # name -> (the compiler's target flags, the CPU flags it needs to run)
+    "x86-64": (("-march=x86-64",), set()),  # SSE2: 4 lanes, 3-row tiles
+    "x86-64-v3": (("-march=x86-64-v3",), {"avx2", "fma"}),  # 8 lanes, 6-row tiles
+    "x86-64-v3+avxvnni": (("-march=x86-64-v3", "-mavxvnni"), {"avx2", "fma", "avx_vnni"}),  # + 2-row VNNI tiles
+    "x86-64-v4": (("-march=x86-64-v4",), {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),  # 16 lanes, 16-row
+    # and 8 x 2-panel tiles
+    "x86-64-v4+vnni": (("-march=x86-64-v4", "-mavx512vnni"),
+                       {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),  # + 12-row VNNI tiles
 }
 _built: dict[str, object] = {}
 
@@ -36,12 +41,13 @@ _built: dict[str, object] = {}
 def isa(request, monkeypatch, tmp_path_factory):
     """The kernel library built for one -march level, standing in for the native build."""
     march = request.param
-    missing = LEVELS[march] - set(cpu_native._cpu_flags().split())
+    target, needed = LEVELS[march]
+    missing = needed - set(cpu_native._cpu_flags().split())
     if missing:
         pytest.skip(f"this CPU cannot run {march} code (no {', '.join(sorted(missing))})")
     if march not in _built:
-        monkeypatch.setattr(cpu_native, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f
-                                                       for f in cpu_native.FLAGS))
+        monkeypatch.setattr(cpu_native, "FLAGS", tuple(g for f in cpu_native.FLAGS
+                                                       for g in (target if f == "-march=native" else (f,))))
         try:
             _built[march] = cpu_native.load(cpu_native.build(directory=tmp_path_factory.mktemp(march)))
         except cpu_native.BuildError as e:
@@ -81,6 +87,15 @@ def test_decode_attention_matches_float64(isa, window):
     got = native_paged_decode(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32), window)
     want = dense_attention_ref(q, ks, vs, [1] * len(lengths), window)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 32)])
+@pytest.mark.parametrize("rows", [4, 5, 13, 130])
+def test_int8_activation_gemms_match_float64(isa, rows, bits, group):
+    from test_cpu_quant import check_int8_activation_gemms
+
+    assert bool(cpu_native.constant("VNNI")) == isa.endswith("vnni")  # the build took the branch it names
+    check_int8_activation_gemms(rows, bits, group)
 
 
 @pytest.mark.parametrize("window", [None, 7])

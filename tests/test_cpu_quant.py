@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kernels.cpu import build as cpu_native
-from kernels.cpu.gemm import can_pack_quantized, pack, pack_quantized, packed_linear, packed_lowrank
-from kernels.quant import column_prefix, dequantize, quantize
+from kernels.cpu.gemm import can_pack_quantized, int8_products, pack, pack_quantized, packed_linear, packed_lowrank
+from kernels.quant import column_prefix, dequantize, quantize, quantize_activations
 
 pytestmark = [pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler"),
               pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",
@@ -39,6 +39,42 @@ def check_quantized_gemms(rows: int, bits: int, group: int) -> None:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 40, 130])
 def test_quantized_gemms_match_float64(rows, bits, group):
     check_quantized_gemms(rows, bits, group)
+
+
+def check_int8_activation_gemms(rows: int, bits: int, group: int) -> None:
+    """Weights packed for int8 activations: where the library has VNNI, from VNNI_MIN_ROWS rows and
+    for groups of a multiple of 8, packed_linear equals float64 on the rounded rows
+    (quantize_activations) and the dequantised weight, and the fused low-rank call equals its two
+    GEMMs one after the other (the intermediate rounded again); elsewhere, the float result."""
+    integer = int8_products() and rows >= cpu_native.constant("VNNI_MIN_ROWS") and group % 8 == 0
+    for out_f, in_f, rank in SHAPES:
+        w, bias = torch.randn(out_f, in_f), torch.randn(out_f)
+        x = torch.randn(rows, in_f) * torch.logspace(-2, 2, in_f)  # groups of very different magnitudes
+        qw = quantize(w, bits, group)
+        rounded = quantize_activations(x, group) if integer else x
+        want = rounded.double() @ dequantize(qw, torch.float64).T + bias.double()
+        got = packed_linear(x, pack_quantized(qw, int8_activations=True), bias).double()
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-5)
+        qA, qB = quantize(torch.randn(out_f, rank), bits, group), quantize(torch.randn(rank, in_f), bits, group)
+        pB, pA = pack_quantized(qB, int8_activations=True), pack_quantized(qA, int8_activations=True)
+        two_calls = packed_linear(packed_linear(x, pB), pA, bias)
+        torch.testing.assert_close(packed_lowrank(x, pB, pA, bias), two_calls, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 64), (4, 32), (4, 64), (4, 6)])
+@pytest.mark.parametrize("rows", [3, 4, 5, 12, 13, 40, 130])
+def test_int8_activation_gemms_match_float64(rows, bits, group):
+    check_int8_activation_gemms(rows, bits, group)
+
+
+def test_int8_activations_change_the_product_where_the_cpu_multiplies_in_integers():
+    """Not a no-op: with VNNI the rounded rows give a different product than float32 rows."""
+    if not int8_products():
+        pytest.skip("this CPU (or build) has no VNNI: int8 activations are never used here")
+    qw = quantize(torch.randn(64, 256), 8, 64)
+    x = torch.randn(16, 256)
+    exact = packed_linear(x, pack_quantized(qw))
+    assert not torch.equal(packed_linear(x, pack_quantized(qw, int8_activations=True)), exact)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -23,7 +23,7 @@ from .scheduler import Batch
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, sampler: Sampler, max_num_seqs: int,
-                 max_blocks_per_seq: int, cuda_graphs: bool = True):
+                 max_blocks_per_seq: int, cuda_graphs: bool = True, int8_activations: bool = False):
         self.model, self.block_size, self.sampler = model, block_size, sampler
         self.device = model.device
         # The kernel path, asked once: what the model is swapped into, and whether graphs can capture its steps.
@@ -31,7 +31,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()  # large activations from reused heap memory, not fresh pages (engine.core.cpu_memory)
             if self.backend.cpu_serving:
-                to_cpu_serving(model)
+                to_cpu_serving(model, int8_activations)
         # One block more than the block manager hands out: padded graph rows write there.
         self.kv_cache = allocate_kv_cache(model, num_blocks + 1, block_size)
         self.scratch_block = num_blocks

@@ -46,8 +46,8 @@ class PackedLinear(nn.Module):
         self.packed, self.bias = packed, bias
 
     @classmethod
-    def from_linear(cls, linear: Linear) -> PackedLinear:
-        return cls(_packed(linear, "weight", linear.in_features), linear.bias)
+    def from_linear(cls, linear: Linear, int8_activations: bool = False) -> PackedLinear:
+        return cls(_packed(linear, "weight", linear.in_features, int8_activations), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed, self.bias)
@@ -66,8 +66,9 @@ class PackedLowRankLinear(nn.Module):
         self.packed, self.bias = (packed_B, packed_A), bias
 
     @classmethod
-    def from_lowrank(cls, linear: LowRankLinear) -> PackedLowRankLinear:
-        return cls(_packed(linear, "B", linear.in_features), _packed(linear, "A", linear.rank), linear.bias)
+    def from_lowrank(cls, linear: LowRankLinear, int8_activations: bool = False) -> PackedLowRankLinear:
+        return cls(_packed(linear, "B", linear.in_features, int8_activations),
+                   _packed(linear, "A", linear.rank, int8_activations), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_lowrank(x, *self.packed, self.bias)
@@ -76,11 +77,12 @@ class PackedLowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, kernel={self.packed[0].kernel}"
 
 
-def _packed(linear: Linear | LowRankLinear, leaf: str, cols: int) -> PackedWeight:
+def _packed(linear: Linear | LowRankLinear, leaf: str, cols: int, int8_activations: bool) -> PackedWeight:
     """One of a linear's matrices packed: its int8 / int4 levels as they are where the native kernel
-    reads them, else the float matrix (a quantised one dequantised, the reference's weights)."""
+    reads them (multiplied by int8-rounded rows with `int8_activations`, kernels.cpu.gemm), else the
+    float matrix (a quantised one dequantised, the reference's weights)."""
     if isinstance(linear, (QuantLinear, QuantLowRankLinear)) and can_pack_quantized(q := linear.quantized(leaf, cols)):
-        return pack_quantized(q)
+        return pack_quantized(q, int8_activations)
     return pack(getattr(linear, leaf))
 
 
@@ -172,16 +174,18 @@ def _swap(root: nn.Module, replacement: Callable[[nn.Module], nn.Module | None])
                 setattr(parent, name, new)
 
 
-def to_cpu_serving(model: CausalLM) -> bool:
+def to_cpu_serving(model: CausalLM, int8_activations: bool = False) -> bool:
     """Swap `model` (on CPU) into its serving form; returns False, changing nothing, where no CPU
-    kernel takes its dtype (float32, or bfloat16 where oneDNN has it)."""
+    kernel takes its dtype (float32, or bfloat16 where oneDNN has it). `int8_activations`: int8 /
+    int4 weights multiply int8-rounded rows where the CPU has VNNI (kernels.cpu.gemm.pack_quantized)."""
     dtype = model.dtype
     if model.device.type != "cpu" or not can_pack(torch.empty(0, 0, dtype=dtype)):
         return False
     latent = {id(m) for layer in model.model.layers if layer.self_attn.latent
               for m in (layer.self_attn.k_proj, layer.self_attn.v_proj)}  # their A feeds latent attention
-    _swap(model, lambda m: None if id(m) in latent else PackedLinear.from_linear(m) if isinstance(m, Linear)
-          else PackedLowRankLinear.from_lowrank(m) if isinstance(m, LowRankLinear) else None)
+    _swap(model, lambda m: None if id(m) in latent else PackedLinear.from_linear(m, int8_activations)
+          if isinstance(m, Linear) else PackedLowRankLinear.from_lowrank(m, int8_activations)
+          if isinstance(m, LowRankLinear) else None)
     if model.lm_head is None:
         model.lm_head = PackedLinear(pack(model.model.embed_tokens.weight), None)
     if not native_elementwise_available(dtype):

@@ -13,8 +13,8 @@
  * Layouts: x [T, hidden] (updated in place); cos/sin [T, head_dim]; slots int64 [T] (cache slot
  * of each new token: block * block_size + offset); caches [num_blocks, block_size, Hkv, D], float32,
  * or int8 with their scale pools [num_blocks, block_size, Hkv] (kernels/kv_quant.py: the new vectors
- * are quantised here exactly as quantize_vectors does); block_tables int32 [T, table_stride];
- * context_lens int32 [T] (the new token included).
+ * are rounded here by quantize_int8, exactly as quantize_vectors rounds them); block_tables int32
+ * [T, table_stride]; context_lens int32 [T] (the new token included).
  */
 #include <math.h>
 #include <stdint.h>
@@ -60,20 +60,6 @@ static void silu_mul_shared(float *g, const float *u, int64_t T, int64_t I)
     }
 }
 
-/* One cached vector x [D] as int8 levels and its scale: d = max|x| / 127, q = round(x / d) with a
- * true division and round-half-to-even (rintf), clamped to [-127, 127], q = 0 where d = 0. */
-static void quantize_vector(const float *x, int64_t D, int8_t *levels, float *scale)
-{
-    float amax = 0.0f;
-    for (int64_t i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-    const float d = amax / 127.0f, divisor = d > 0.0f ? d : 1.0f;
-    for (int64_t i = 0; i < D; i++) {
-        const float r = rintf(x[i] / divisor);
-        levels[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-    }
-    *scale = d;
-}
-
 /* The new tokens' K and V rows [T, Hkv, D] into their cache slots. */
 static void write_cache_shared(const float *k, const float *v, const int64_t *slots, int64_t T, int64_t Hkv,
                                int64_t D, void *k_cache, void *v_cache, float *k_scales, float *v_scales)
@@ -88,8 +74,8 @@ static void write_cache_shared(const float *k, const float *v, const int64_t *sl
         }
         for (int64_t h = 0; h < Hkv; h++) {
             const int64_t row = slots[t] * Hkv + h;
-            quantize_vector(k + t * kv + h * D, D, (int8_t *)k_cache + row * D, k_scales + row);
-            quantize_vector(v + t * kv + h * D, D, (int8_t *)v_cache + row * D, v_scales + row);
+            k_scales[row] = quantize_int8(k + t * kv + h * D, D, (int8_t *)k_cache + row * D);
+            v_scales[row] = quantize_int8(v + t * kv + h * D, D, (int8_t *)v_cache + row * D);
         }
     }
 }

@@ -1,4 +1,5 @@
-/* The per-layer elementwise work of a CPU decode step, one call each: RMSNorm and RoPE.
+/* The per-layer elementwise work of a CPU decode step, one call each: RMSNorm and RoPE; and the
+ * int8 rounding of a vector that the KV cache and the VNNI GEMMs share.
  *
  * Why: in torch each is 5-6 small ops (~20 µs at 16 tokens), 120 of them per SmolLM2 step, ~2 ms
  * of a ~40 ms step that the compressed and the dense model share. Here each is a single pass.
@@ -12,6 +13,8 @@
 #include "lowrank_cpu.h"
 
 #define PARALLEL_MIN (1 << 16)
+
+typedef int32_t ivec_unaligned_e __attribute__((vector_size(LANES * sizeof(int32_t)), aligned(sizeof(float))));
 
 /* y [T, C] = w ⊙ x · (mean(x²) + eps)^-½ row by row (HF's RMSNorm, computed in float32). */
 void rmsnorm_shared(const float *x, const float *w, int64_t T, int64_t C, float eps, float *y)
@@ -62,4 +65,27 @@ void lowrank_cpu_rope(const float *x, const float *cos_table, const float *sin_t
 {
 #pragma omp parallel num_threads(threads) if (T * H * D >= PARALLEL_MIN)
     rope_shared(x, cos_table, sin_table, T, H, D, y);
+}
+
+/* x [n] as int8 levels q = round(x / d) (a true division, half to even), d = max|x| / 127 returned,
+ * q clamped to [-127, 127] and 0 where d = 0: kernels/kv_quant.py's quantize_vectors and
+ * kernels/quant.py's quantize_activations, which the tests hold every writer to. */
+float quantize_int8(const float *x, int64_t n, int8_t *q)
+{
+    const ivec magnitude = (ivec){0} + 0x7fffffff;
+    ivec most = {0}; /* max |x| lane by lane, as bits: for non-negative floats the integer order is the float order */
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const ivec a = *(const ivec_unaligned_e *)(x + i) & magnitude, larger = a > most;
+        most = (a & larger) | (most & ~larger);
+    }
+    float amax = 0.0f;
+    for (int j = 0; j < LANES; j++) amax = fmaxf(amax, ((union { ivec v; float f[LANES]; }){most}).f[j]);
+    for (; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float d = amax / 127.0f, divisor = d > 0.0f ? d : 1.0f;
+    for (i = 0; i < n; i++) {
+        const float r = rintf(x[i] / divisor);
+        q[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+    }
+    return d;
 }

@@ -23,12 +23,27 @@
  * [ceil(K/group)][16] floats per panel. Decode reads 1 or 0.5 byte per weight (plus 4/group for the scale) instead of 4: the
  * levels are widened and scaled in registers, the activations and the accumulation stay float32.
  *
+ * Integer products (VNNI hosts, weights packed with activations = 8): from VNNI_MIN_ROWS rows, where
+ * the multiply-adds and not the weights' bytes bound the step, x is rounded to int8 per group of the
+ * weight's inputs (d_x = max|x| / 127, llama.cpp's Q8_0 activations) and each group's products are
+ * summed in int32 by vpdpbusd, 4 multiply-adds per lane per instruction against an FMA's one, then
+ * scaled once by d_w·d_x. vpdpbusd multiplies unsigned by signed bytes: the weight levels are made
+ * unsigned by an XOR with 0x80 (w + 128), and 128·Σ q_x, computed as x is rounded, taken off each
+ * group's sum. int4 levels unpack to 16·w (a nibble moved to a byte's top), the 16 folded into the
+ * scale; their activations are stored each 8 inputs as the even ones then the odd ones, the order
+ * the low and high nibbles come out in. A factorised layer's rank-r intermediate is rounded again
+ * for A. kernels/quant.py's quantize_activations is the reference.
+ *
  * Built and loaded by kernels/cpu/build.py; packing and dispatch are in kernels/cpu/gemm.py.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "lowrank_cpu.h"
+#if VNNI
+#include <immintrin.h>
+#endif
 
 #define MAX_ROWS 16
 #define MAX_TILES 2 /* adjacent panels per tile at prefill sizes */
@@ -200,11 +215,181 @@ static inline __attribute__((always_inline)) void tile_all_rows(const int BITS, 
     }
 }
 
+#if VNNI
+#if LANES == 16
+#define VNNI_ROWS 12 /* 12 int32 and 12 float accumulators, the weights and two masks: 28 of 32 zmm */
+#else
+#define VNNI_ROWS 2 /* a panel row is 2 ymm: 2 x 2 int32 + 2 x 2 float accumulators, 4 weights, 2 masks */
+#endif
+
+/* acc + per lane i, Σ_j weights.u8[4i + j] · activations.s8[j] (one word broadcast to every lane). */
+static inline ivec dot4(ivec acc, ivec weights, int32_t activations)
+{
+#if LANES == 16
+    return (ivec)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)weights, _mm512_set1_epi32(activations));
+#else
+    return (ivec)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)weights, _mm256_set1_epi32(activations));
+#endif
+}
+
+/* Rows of x [M, K] rounded to int8 per group of inputs (quantize_int8): xq [M, groups·group], a
+ * short last group padded with 0 and, for int4 weights, each 8 inputs stored evens first; xd
+ * [M, groups] the scales; xs [M, groups] = 128·Σ q, the term the weights' +128 adds. */
+static void quantize_rows_shared(const int BITS, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t group,
+                                 int8_t *xq, float *xd, int32_t *xs)
+{
+    const int64_t groups = (K + group - 1) / group, ldq = groups * group;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t k0 = g * group, n = K - k0 < group ? K - k0 : group;
+            int8_t *q = xq + m * ldq + k0;
+            xd[m * groups + g] = quantize_int8(x + m * ldx + k0, n, q);
+            memset(q + n, 0, group - n);
+            int32_t sum = 0;
+            for (int64_t i = 0; i < group; i++) sum += q[i];
+            xs[m * groups + g] = 128 * sum;
+            if (BITS == 4)
+                for (int64_t b = 0; b < group; b += 8) { /* 0..7 -> 0 2 4 6 1 3 5 7 */
+                    int8_t block[8];
+                    for (int j = 0; j < 8; j++) block[(j & 1) * 4 + j / 2] = q[b + j];
+                    memcpy(q + b, block, 8);
+                }
+        }
+    }
+}
+
+/* ROWS rows of the rounded x times one panel -> y columns [0, cols). Per group of inputs: the
+ * products summed in int32 registers, less the offset term, then converted and scaled by d_w·d_x
+ * into the float accumulators. */
+static inline __attribute__((always_inline)) void tile_rows_vnni(const int ROWS, const int BITS, const int8_t *xq,
+                                                                 int64_t ldq, const float *xd, const int32_t *xs,
+                                                                 int64_t groups, int64_t group, int64_t words,
+                                                                 const char *panel, const float *scales, float *y,
+                                                                 int64_t ldy, int cols, const float *bias,
+                                                                 const char *ahead)
+{
+    vec acc[VNNI_ROWS][VECTORS];
+    for (int m = 0; m < ROWS; m++)
+        for (int v = 0; v < VECTORS; v++) acc[m][v] = (vec){0};
+    const ivec flip = (ivec){0} + (int32_t)0x80808080, high = (ivec){0} + (int32_t)0xF0F0F0F0;
+    const int64_t per_group = group / PER_WORD(BITS); /* weight words per group */
+    for (int64_t g = 0; g < groups; g++) {
+        ivec sums[VNNI_ROWS][VECTORS];
+        for (int m = 0; m < ROWS; m++)
+            for (int v = 0; v < VECTORS; v++) sums[m][v] = (ivec){0};
+        const int64_t r_end = (g + 1) * per_group < words ? (g + 1) * per_group : words;
+        for (int64_t r = g * per_group; r < r_end; r++) {
+            __builtin_prefetch(ahead + ROW_BYTES * r, 0, 0);
+            ivec w[VECTORS];
+            for (int v = 0; v < VECTORS; v++) w[v] = *(const ivec_unaligned *)(panel + ROW_BYTES * r + 4 * LANES * v);
+            if (BITS == 8) {
+                for (int v = 0; v < VECTORS; v++) w[v] ^= flip;
+                for (int m = 0; m < ROWS; m++) {
+                    const int32_t a = ((const int32_t *)(xq + m * ldq))[r];
+                    for (int v = 0; v < VECTORS; v++) sums[m][v] = dot4(sums[m][v], w[v], a);
+                }
+            } else { /* the even inputs' nibbles, then the odd ones', each at the top of a byte */
+                ivec even[VECTORS], odd[VECTORS];
+                for (int v = 0; v < VECTORS; v++) {
+                    even[v] = ((w[v] << 4) & high) ^ flip;
+                    odd[v] = (w[v] & high) ^ flip;
+                }
+                for (int m = 0; m < ROWS; m++) {
+                    const int32_t *a = (const int32_t *)(xq + m * ldq) + 2 * r;
+                    for (int v = 0; v < VECTORS; v++) sums[m][v] = dot4(dot4(sums[m][v], even[v], a[0]), odd[v], a[1]);
+                }
+            }
+        }
+        for (int v = 0; v < VECTORS; v++) {
+            const vec d = *(const vec_unaligned *)(scales + g * PANEL + LANES * v) * (BITS == 8 ? 1.0f : 0.0625f);
+            for (int m = 0; m < ROWS; m++)
+                acc[m][v] += __builtin_convertvector(sums[m][v] - xs[m * groups + g], vec) * (d * xd[m * groups + g]);
+        }
+    }
+    const int width = cols < PANEL ? cols : PANEL;
+    float b[PANEL] = {0};
+    if (bias) memcpy(b, bias, sizeof(float) * width);
+    for (int m = 0; m < ROWS; m++) {
+        float *out = y + m * ldy, tail[PANEL];
+        float *dst = width == PANEL ? out : tail; /* a partial panel goes through `tail` */
+        for (int v = 0; v < VECTORS; v++)
+            *(vec_unaligned *)(dst + LANES * v) = acc[m][v] + *(const vec_unaligned *)(b + LANES * v);
+        if (width < PANEL) memcpy(out, tail, sizeof(float) * width);
+    }
+}
+
+/* All M rows of the rounded x times one panel, VNNI_ROWS at a time, then the remainder. */
+static inline __attribute__((always_inline)) void tile_all_rows_vnni(const int BITS, const int8_t *xq, int64_t ldq,
+                                                                     const float *xd, const int32_t *xs, int64_t M,
+                                                                     int64_t groups, int64_t group, int64_t words,
+                                                                     const char *panel, int64_t panel_bytes,
+                                                                     const float *scales, float *y, int64_t ldy,
+                                                                     int cols, const float *bias)
+{
+    const char *own = panel + LINE * PREFETCH, *next = panel + panel_bytes;
+    int64_t m = 0;
+    for (; m + VNNI_ROWS <= M; m += VNNI_ROWS)
+        tile_rows_vnni(VNNI_ROWS, BITS, xq + m * ldq, ldq, xd + m * groups, xs + m * groups, groups, group, words,
+                       panel, scales, y + m * ldy, ldy, cols, bias, m ? next : own);
+    switch (M - m) {
+#define REMAINDER(n)                                                                                          \
+    case n:                                                                                                   \
+        if (n < VNNI_ROWS)                                                                                    \
+            tile_rows_vnni(n, BITS, xq + m * ldq, ldq, xd + m * groups, xs + m * groups, groups, group, words, \
+                           panel, scales, y + m * ldy, ldy, cols, bias, m ? next : own);                      \
+        break;
+    REMAINDER(1) REMAINDER(2) REMAINDER(3) REMAINDER(4) REMAINDER(5) REMAINDER(6) REMAINDER(7)
+    REMAINDER(8) REMAINDER(9) REMAINDER(10) REMAINDER(11)
+#undef REMAINDER
+    default: break;
+    }
+}
+
+/* gemm_tiles through integer products: x rounded once into shared scratch (one thread allocates,
+ * all round their rows), then the (row block, panel) tiles. Returns 0, having done nothing, where
+ * the scratch cannot be had (the float path then serves the call). */
+static inline __attribute__((always_inline)) int gemm_tiles_vnni(const int BITS, const float *x, int64_t ldx,
+                                                                 int64_t M, int64_t K, const cpu_weight *w, int64_t N,
+                                                                 float *y, int64_t ldy, const float *bias)
+{
+    const int64_t group = w->group, groups = (K + group - 1) / group, ldq = groups * group;
+    const int64_t words = (K + PER_WORD(BITS) - 1) / PER_WORD(BITS), panel_bytes = ROW_BYTES * words;
+    const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    char *scratch;
+#pragma omp single copyprivate(scratch)
+    scratch = malloc(M * ldq + M * groups * (sizeof(float) + sizeof(int32_t)));
+    if (!scratch) return 0;
+    int8_t *xq = (int8_t *)scratch;
+    float *xd = (float *)(scratch + M * ldq); /* ldq is a multiple of 8: aligned */
+    int32_t *xs = (int32_t *)(xd + M * groups);
+    quantize_rows_shared(BITS, x, ldx, M, K, group, xq, xd, xs); /* its barrier: xq is whole */
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t r = 0; r < row_blocks; r++) {
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t m = r * ROW_BLOCK, rows = M - m < ROW_BLOCK ? M - m : ROW_BLOCK;
+            const int64_t width = N - PANEL * p < PANEL ? N - PANEL * p : PANEL;
+            tile_all_rows_vnni(BITS, xq + m * ldq, ldq, xd + m * groups, xs + m * groups, rows, groups, group, words,
+                               (const char *)w->data + p * panel_bytes, panel_bytes, w->scales + p * groups * PANEL,
+                               y + m * ldy + PANEL * p, ldy, (int)width, bias ? bias + PANEL * p : 0);
+        }
+    }
+#pragma omp single
+    free(scratch);
+    return 1;
+}
+#endif
+
 /* The (row block, panel) tiles of one weight format, shared among the region's threads. */
 static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, const float *x, int64_t ldx, int64_t M,
                                                              int64_t K, const cpu_weight *w, int64_t N, float *y,
                                                              int64_t ldy, const float *bias)
 {
+#if VNNI
+    if (BITS != 32 && w->activations == 8 && M >= VNNI_MIN_ROWS && w->group % 8 == 0 &&
+        gemm_tiles_vnni(BITS, x, ldx, M, K, w, N, y, ldy, bias))
+        return;
+#endif
     const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     const int64_t step = BITS == 32 && TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1;
     const int64_t tiles = (panels + step - 1) / step;

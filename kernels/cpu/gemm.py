@@ -32,7 +32,7 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 class WeightDescription(ctypes.Structure):  # cpu_weight in lowrank_cpu.h
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bits", ctypes.c_int64),
-                ("group", ctypes.c_int64)]
+                ("group", ctypes.c_int64), ("activations", ctypes.c_int64)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +46,14 @@ class PackedWeight:
     scales: torch.Tensor | None = None  # native int8 / int4: [panels, groups, PANEL] float32
     bits: int = 32  # 32 (float), 8 or 4
     group: int = 0
+    activations: int = 32  # 8: rows rounded to int8 and multiplied in integers where the CPU has VNNI (gemm.c)
     native: WeightDescription | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kernel == "native":  # what the C kernel reads, made once (it points into data and scales)
             scales = self.scales.data_ptr() if self.scales is not None else None
-            object.__setattr__(self, "native", WeightDescription(self.data.data_ptr(), scales, self.bits, self.group))
+            object.__setattr__(self, "native", WeightDescription(self.data.data_ptr(), scales, self.bits, self.group,
+                                                                 self.activations))
 
 
 @functools.cache
@@ -112,8 +114,18 @@ def can_pack_quantized(qw: Quantized) -> bool:
             and qw.group % 2 == 0)
 
 
-def pack_quantized(qw: Quantized) -> PackedWeight:
-    """A quantised weight (kernels.quant) -> the native kernel's int8 / int4 panels and their scales."""
+def int8_products() -> bool:
+    """Whether the native library multiplies int8 activations by int8 / int4 weights here (VNNI)."""
+    return cpu_native.library() is not None and bool(cpu_native.constant("VNNI"))
+
+
+def pack_quantized(qw: Quantized, int8_activations: bool = False) -> PackedWeight:
+    """A quantised weight (kernels.quant) -> the native kernel's int8 / int4 panels and their scales.
+
+    `int8_activations`: from a few rows up, round the input rows to int8 per group of this weight
+    (kernels.quant.quantize_activations) and multiply in integers, where the CPU has VNNI
+    (`int8_products`) and the group is a multiple of 8; elsewhere the float path serves it.
+    """
     if not can_pack_quantized(qw):
         raise ValueError(f"cannot pack an int{qw.bits} weight with {qw.scales.dtype} scales on {qw.q.device} for "
                          "the native CPU kernel (it needs the library built here and float32 scales)")
@@ -127,7 +139,8 @@ def pack_quantized(qw: Quantized) -> PackedWeight:
         nibbles = (q.to(torch.int64) & 0xF) << (4 * torch.arange(per_word))
         words = nibbles.sum(-1)
         words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return PackedWeight(_panels(words), out_f, cols, "native", _panels(qw.scales), qw.bits, qw.group)
+    return PackedWeight(_panels(words), out_f, cols, "native", _panels(qw.scales), qw.bits, qw.group,
+                        8 if int8_activations else 32)
 
 
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:

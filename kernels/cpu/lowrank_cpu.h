@@ -26,6 +26,8 @@ typedef struct {
     const float *scales;  /* int8 / int4: [panels][ceil(K/group)][PANEL], one per group of inputs; else NULL */
     int64_t bits;         /* 32 (float), 8 or 4 */
     int64_t group;        /* inputs per scale (even); 0 for float */
+    int64_t activations;  /* 8: the rows of x are rounded to int8 per group of inputs and multiplied in
+                           * integers where the host has VNNI (gemm.c); 32: float32 activations */
 } cpu_weight;
 
 typedef struct {
@@ -68,6 +70,18 @@ int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, c
 #else
 #define LANES 4 /* SSE's 16 xmm or NEON's 32 q registers */
 #endif
+
+/* VNNI (vpdpbusd): per 32-bit lane, four u8 x s8 products summed into an int32, four times the
+ * multiply-adds of a float FMA per instruction. gemm.c multiplies int8 / int4 weights by int8
+ * activations with it where a weight asks for that (cpu_weight.activations). */
+#if LANES == 16 && defined(__AVX512VNNI__)
+#define VNNI 1
+#elif LANES == 8 && defined(__AVXVNNI__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
+#define VNNI_MIN_ROWS 4 /* fewer rows are bound by the weights' bytes: the float path serves them */
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef float vec_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
@@ -112,6 +126,9 @@ HIDDEN void paged_decode_shared(const float *q, const void *k_cache, const void 
 /* 0 when every block a sequence reads lies in the cache and every length within its table, else -2. */
 HIDDEN int check_tables(const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B,
                         int64_t block_size, int64_t num_blocks);
+
+/* x [n] rounded to int8 levels q (d = max|x| / 127, q = round(x / d)); returns d (elementwise.c). */
+HIDDEN float quantize_int8(const float *x, int64_t n, int8_t *q);
 
 HIDDEN void rmsnorm_shared(const float *x, const float *w, int64_t T, int64_t C, float eps, float *y);
 HIDDEN void rope_shared(const float *x, const float *cos_table, const float *sin_table, int64_t T, int64_t H,
