@@ -1,6 +1,7 @@
 """Against llama.cpp on this CPU, in one run: decode throughput at batch 1, 16 and 64 and held-out
 perplexity of llama.cpp's GGUFs of the dense SmolLM2 (F32, F16, Q8_0, Q4_K_M, Q3_K_M) and of ours
-(dense and a compressed folder, each in fp32, int8 and int4), 2 threads each.
+(dense and a compressed folder, each in fp32, int8 and int4; the quantised ones also with int8
+activations and an int8 KV cache, "a8kv8", where the CPU has VNNI), 2 threads each.
 
     bash bench/peers/llama_cpp.sh                # once per machine: builds llama.cpp, makes the GGUFs
     .venv/bin/python bench/peers_cpu.py [--compressed FOLDER] [--rounds 3] [--skip-perplexity]
@@ -50,6 +51,7 @@ CORPUS = REPO.parent / "shared" / "corpus" / "pydocs"
 PEERS = REPO / "models" / "peers"
 PROMPT_LEN = 64
 THREADS = 2
+KV_BYTES = 640 << 20  # per engine (all stay loaded): 64 sequences of 208 tokens of float32 SmolLM2 K/V fit
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_k_m", "q3_k_m")
 
 
@@ -63,19 +65,27 @@ def peer_cache() -> Path:
     return Path(out[-1])
 
 
-def our_folders(dense: Path, compressed: Path | None) -> dict[str, Path]:
-    """name -> folder: dense and `compressed`, each in fp32 and quantised (made once under models/peers)."""
+FAST = {"int8_activations": True, "kv_cache_dtype": "int8"}  # the "a8kv8" rows' engine settings
+
+
+def our_folders(dense: Path, compressed: Path | None) -> dict[str, tuple[Path, dict]]:
+    """name -> (folder, engine settings): dense and `compressed`, each in fp32 and quantised (made
+    once under models/peers), the quantised ones also with FAST where the CPU multiplies in integers."""
+    from kernels.cpu.gemm import int8_products
+
     formats = {"int8": QuantConfig(bits=8), "int4": QuantConfig(bits=4, calib=str(CORPUS / "train.txt"))}
     folders = {}
     for base_name, base in (("dense", dense), ("compressed", compressed)):
         if base is None:
             continue
-        folders[f"ours {base_name} fp32"] = base
+        folders[f"ours {base_name} fp32"] = base, {}
         for label, config in formats.items():
             out = PEERS / f"{base.name}-{label}"
             if not (out / "lowrank.json").is_file():
                 quantize_folder(base, out, config)
-            folders[f"ours {base_name} {label}"] = out
+            folders[f"ours {base_name} {label}"] = out, {}
+            if int8_products():
+                folders[f"ours {base_name} {label} a8kv8"] = out, FAST
     return folders
 
 
@@ -86,12 +96,12 @@ def folder_bytes(folder: Path) -> int:
 class Ours:
     """One engine per folder, loaded once; decode throughput with the prefill taken out."""
 
-    def __init__(self, folder: Path, batches: list[int], new_tokens: int):
+    def __init__(self, folder: Path, settings: dict, batches: list[int], new_tokens: int):
         from engine import LLM
 
         self.llm = LLM(folder, dtype="float32", device="cpu", max_num_seqs=max(batches),
                        max_model_len=PROMPT_LEN + new_tokens + 16, max_num_batched_tokens=max(batches) * PROMPT_LEN,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, kv_cache_memory=KV_BYTES, **settings)
         self.vocab = self.llm.model.config.vocab_size
 
     def decode_tok_s(self, batch: int, new_tokens: int) -> float:
@@ -137,12 +147,14 @@ def llama_perplexity(bin_dir: Path, gguf: Path, text: Path) -> float:
     return float(match.group(1))
 
 
-def our_perplexity(folder: Path, ids: list[int]) -> dict[str, float]:
+def our_perplexity(folder: Path, settings: dict, ids: list[int]) -> dict[str, float]:
     from engine import load_model
     from engine.model.cpu_serving import to_cpu_serving
 
     model = load_model(folder, device="cpu", dtype="float32")
-    to_cpu_serving(model)  # the served path: the native kernels on the stored levels
+    if settings.get("kv_cache_dtype") == "int8":
+        model.use_int8_kv()
+    to_cpu_serving(model, settings.get("int8_activations", False))  # the served path: the native kernels
     return {f"ppl_stride{s}": perplexity(model, ids, ctx=512, stride=s).perplexity for s in (512, 256)}
 
 
@@ -176,9 +188,10 @@ def main() -> None:
         print("no compressed folder (give --compressed): timing the dense contenders only", file=sys.stderr)
     ours = our_folders(dense, compressed)
     ggufs = {f"llama.cpp {t.upper()}": cache / "gguf" / f"{dense.name}-{t}.gguf" for t in GGUF_TYPES}
-    rows = {name: {"kind": "ours", "path": str(f), "bytes": folder_bytes(f)} for name, f in ours.items()}
+    rows = {name: {"kind": "ours", "path": str(f), "settings": settings, "bytes": folder_bytes(f)}
+            for name, (f, settings) in ours.items()}
     rows |= {name: {"kind": "llama.cpp", "path": str(g), "bytes": g.stat().st_size} for name, g in ggufs.items()}
-    engines = {name: Ours(folder, args.batches, args.new_tokens) for name, folder in ours.items()}
+    engines = {name: Ours(folder, settings, args.batches, args.new_tokens) for name, (folder, settings) in ours.items()}
     samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in rows}
     for round_ in range(args.rounds):  # alternate: every contender once per round
         for name in rows:
@@ -198,7 +211,7 @@ def main() -> None:
         ids = tokenize_file(load_tokenizer(dense), text)
         for name, row in rows.items():
             if row["kind"] == "ours":
-                row |= our_perplexity(Path(row["path"]), ids)
+                row |= our_perplexity(Path(row["path"]), row["settings"], ids)
             else:
                 row["ppl_llama"] = llama_perplexity(cache / "bin", Path(row["path"]), text)
             print(name, {k: v for k, v in row.items() if k.startswith("ppl")}, flush=True)
