@@ -68,7 +68,8 @@ else
     SHAPE=${BENCH_SHAPE:-llama3-8b}
     # The engine test first: the kernel tests are many, and a budget cut keeps what ran.
     TESTS=(tests/test_engine_cuda.py tests/test_lowrank_gemm.py tests/test_paged_decode.py tests/test_latent_attention.py
-           tests/test_quant_gemm_triton.py tests/test_backend.py
+           tests/test_quant_gemm_triton.py tests/test_kv_int8.py::test_triton_decode_reads_the_int8_cache
+           tests/test_backend.py
            tests/test_heal.py::test_healing_on_cuda_lowers_the_kl_through_the_compiled_kernels)
     KERNELS=(bench/bench_kernels.py)
     LATENT=(bench/bench_latent_attention.py)

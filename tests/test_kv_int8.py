@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import dense_attention_ref, interpreted, save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
+from conftest import dense_attention_ref, save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.core.kv_cache import bytes_per_block
@@ -94,16 +94,27 @@ def test_reference_reads_the_int8_cache_for_prefill_chunks():
                                atol=2e-5, rtol=2e-5)
 
 
-@interpreted
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+              torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.skipif(TRITON_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 40])
-def test_triton_decode_reads_the_int8_cache(window):
+def test_triton_decode_reads_the_int8_cache(window, dtype):
+    """Under the interpreter here; compiled on a GPU (bench/gpu.sh runs this test there)."""
     lengths = [1, 70, 33]
     q, (k, v), scales, tables, keys, values = int8_case(lengths, 3, 32, 16)
     for pool in scales:  # the kernel loads masked slots as 0: NaN scales are for the CPU readers' strays
         pool.nan_to_num_(0.0)
-    got = paged_decode_triton(q, k, v, tables, torch.tensor(lengths, dtype=torch.int32), window, scales)
-    torch.testing.assert_close(got.double(), dense_attention_ref(q, keys, values, (1,) * len(lengths), window),
-                               atol=2e-5, rtol=2e-5)
+    on = lambda t: t.to(TRITON_DEVICE)  # noqa: E731
+    got = paged_decode_triton(on(q.to(dtype)), on(k), on(v), on(tables),
+                              on(torch.tensor(lengths, dtype=torch.int32)), window, tuple(map(on, scales)))
+    assert got.dtype == dtype
+    want = dense_attention_ref(q.to(dtype), keys, values, (1,) * len(lengths), window)
+    torch.testing.assert_close(got.double().cpu(), want, **TRITON_TOL[dtype])
 
 
 @pytest.mark.parametrize("lengths,block_size", [([1], 16), ([31, 32, 33, 64, 65], 16), ([1, 17, 100, 3], 5)])
