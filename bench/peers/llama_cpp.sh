@@ -55,4 +55,23 @@ for type in Q4_K_M Q3_K_M; do
         mv "$out.tmp" "$out"
     fi
 done
+
+# Some VMs list AMX in /proc/cpuinfo without enabling its tile state: the -march=native build's AMX
+# code then dies (SIGILL, SIGSEGV) on quantised GGUFs while F16/F32 run (seen on a 2-core Xeon,
+# 2026-12-03). Probe Q8_0 once; if it dies, rebuild with the CPU's AVX-512/VNNI levels and no AMX.
+if [ ! -e "$SRC/build/.probed" ]; then
+    if ! "$CACHE/bin/llama-bench" -m "$CACHE/gguf/$name-q8_0.gguf" -p 8 -n 1 -t 2 >/dev/null 2>&1; then
+        echo "llama.cpp's native build dies on Q8_0 here: rebuilding without AMX" >&2
+        flags=$(grep -m1 '^flags' /proc/cpuinfo)
+        on() { case " $flags " in *" $1 "*) echo ON ;; *) echo OFF ;; esac; }
+        cmake -S "$SRC" -B "$SRC/build" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2="$(on avx2)" \
+            -DGGML_FMA="$(on fma)" -DGGML_F16C="$(on f16c)" -DGGML_AVX512="$(on avx512f)" \
+            -DGGML_AVX512_VBMI="$(on avx512vbmi)" -DGGML_AVX512_VNNI="$(on avx512_vnni)" \
+            -DGGML_AVX512_BF16="$(on avx512_bf16)" -DGGML_AVX_VNNI="$(on avx_vnni)" \
+            -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF >/dev/null
+        cmake --build "$SRC/build" -j "$(nproc)" --target "${TOOLS[@]}"
+        "$CACHE/bin/llama-bench" -m "$CACHE/gguf/$name-q8_0.gguf" -p 8 -n 1 -t 2 >/dev/null
+    fi
+    touch "$SRC/build/.probed"
+fi
 echo "$CACHE"
