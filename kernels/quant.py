@@ -150,9 +150,9 @@ def row_prefix(qw: Quantized, rows: int) -> Quantized:
 
 def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] as the native VNNI GEMM rounds it (kernels/cpu/gemm.c), dequantised: per row and group
-    of `group` inputs, d = max|x| / 127 and q = round(x / d), in float32 as the kernel computes them."""
+    of `group` inputs, the int8 vector rounding the KV cache uses (kernels.kv_quant)."""
+    from .kv_quant import dequantize_vectors, quantize_vectors
+
     m, cols = x.shape
-    g = _grouped(x.float(), group)
-    d = g.abs().amax(dim=-1, keepdim=True) / 127
-    q = torch.round(g / torch.where(d > 0, d, torch.ones_like(d))).clamp_(-127, 127)
-    return (q * d).view(m, -1)[:, :cols]
+    levels, scales = quantize_vectors(_grouped(x.float(), group))  # zero padding leaves max|x| as it is
+    return dequantize_vectors(levels, scales).view(m, -1)[:, :cols]
