@@ -12,12 +12,16 @@ Decode tok/s: 64-token prompts, `--new-tokens` greedy tokens per sequence, EOS i
 wall time of generating n tokens for the batch. Contenders alternate within each round (this VM
 drifts by ±10 % between minutes) and each figure is the median over rounds.
 
-Perplexity on the whole valid.txt: ours with disjoint 512-token windows (`lowrank eval`'s
-default) and with stride 256 (each scored token sees ≥ 256 tokens of context), the latter to set
-beside `llama-perplexity -c 512`, which scores the second half of each 512-token window. Each is
+Perplexity on valid.txt (or its first `--ppl-chars` characters, the same text for everyone): ours
+with disjoint 512-token windows (`lowrank eval`'s default), our fp32 dense also with stride 256
+(each scored token sees ≥ 256 tokens of context) to set beside `llama-perplexity -c 512`, which
+scores the second half of each 512-token window. Each is
 compared with its own unquantised reference (llama.cpp's F16, our fp32 dense), as ../shared/PEERS.md
-says. Bytes are whole-model file bytes (GGUF; our safetensors). The DRAM bandwidth measured here
-bounds decode at batch 1: tok/s ≤ bandwidth / bytes read per step.
+says. File MB: whole-model file bytes (GGUF; our safetensors, float folders in bfloat16). Decode
+MB: the weight bytes one decode step reads (ours: the serving form's packed matrices, fp32 served
+from a bf16 file doubling them, `engine.model.cpu_serving.decode_weight_bytes`; llama.cpp's GGUF
+is served as stored). The DRAM bandwidth measured here bounds decode at batch 1: tok/s ≤
+bandwidth / decode bytes.
 
 Our int8 folders round to nearest in groups of 64, int4 by GPTQ in groups of 32 (`lowrank
 quantize` defaults), made under models/peers/ when missing. Writes bench/results/peers-cpu.json,
@@ -98,11 +102,13 @@ class Ours:
 
     def __init__(self, folder: Path, settings: dict, batches: list[int], new_tokens: int):
         from engine import LLM
+        from engine.model.cpu_serving import decode_weight_bytes
 
         self.llm = LLM(folder, dtype="float32", device="cpu", max_num_seqs=max(batches),
                        max_model_len=PROMPT_LEN + new_tokens + 16, max_num_batched_tokens=max(batches) * PROMPT_LEN,
                        enable_prefix_caching=False, kv_cache_memory=KV_BYTES, **settings)
         self.vocab = self.llm.model.config.vocab_size
+        self.decode_bytes = decode_weight_bytes(self.llm.model)
 
     def decode_tok_s(self, batch: int, new_tokens: int) -> float:
         from engine import SamplingParams
@@ -147,7 +153,9 @@ def llama_perplexity(bin_dir: Path, gguf: Path, text: Path) -> float:
     return float(match.group(1))
 
 
-def our_perplexity(folder: Path, settings: dict, ids: list[int]) -> dict[str, float]:
+def our_perplexity(folder: Path, settings: dict, ids: list[int], both_strides: bool) -> dict[str, float]:
+    """Disjoint 512-token windows; with `both_strides` also stride 256 (twice the work), the figure to
+    set beside llama-perplexity's absolute one."""
     from engine import load_model
     from engine.model.cpu_serving import to_cpu_serving
 
@@ -155,7 +163,8 @@ def our_perplexity(folder: Path, settings: dict, ids: list[int]) -> dict[str, fl
     if settings.get("kv_cache_dtype") == "int8":
         model.use_int8_kv()
     to_cpu_serving(model, settings.get("int8_activations", False))  # the served path: the native kernels
-    return {f"ppl_stride{s}": perplexity(model, ids, ctx=512, stride=s).perplexity for s in (512, 256)}
+    return {f"ppl_stride{s}": perplexity(model, ids, ctx=512, stride=s).perplexity
+            for s in ((512, 256) if both_strides else (512,))}
 
 
 def dram_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -178,6 +187,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-perplexity", action="store_true")
+    parser.add_argument("--ppl-chars", type=int, help="score only the first N characters of valid.txt (every "
+                        "contender the same text; default: the whole file)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     cache = peer_cache()
@@ -190,8 +201,11 @@ def main() -> None:
     ggufs = {f"llama.cpp {t.upper()}": cache / "gguf" / f"{dense.name}-{t}.gguf" for t in GGUF_TYPES}
     rows = {name: {"kind": "ours", "path": str(f), "settings": settings, "bytes": folder_bytes(f)}
             for name, (f, settings) in ours.items()}
-    rows |= {name: {"kind": "llama.cpp", "path": str(g), "bytes": g.stat().st_size} for name, g in ggufs.items()}
+    rows |= {name: {"kind": "llama.cpp", "path": str(g), "bytes": g.stat().st_size, "decode_bytes": g.stat().st_size}
+             for name, g in ggufs.items()}
     engines = {name: Ours(folder, settings, args.batches, args.new_tokens) for name, (folder, settings) in ours.items()}
+    for name, engine in engines.items():
+        rows[name]["decode_bytes"] = engine.decode_bytes
     samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in rows}
     for round_ in range(args.rounds):  # alternate: every contender once per round
         for name in rows:
@@ -208,16 +222,20 @@ def main() -> None:
         from engine.model.loader import load_tokenizer
 
         text = CORPUS / "valid.txt"
+        if args.ppl_chars:
+            text = PEERS / f"valid-{args.ppl_chars}.txt"
+            text.write_text((CORPUS / "valid.txt").read_text()[:args.ppl_chars])
         ids = tokenize_file(load_tokenizer(dense), text)
         for name, row in rows.items():
             if row["kind"] == "ours":
-                row |= our_perplexity(Path(row["path"]), row["settings"], ids)
+                row |= our_perplexity(Path(row["path"]), row["settings"], ids, both_strides=name == "ours dense fp32")
             else:
                 row["ppl_llama"] = llama_perplexity(cache / "bin", Path(row["path"]), text)
             print(name, {k: v for k, v in row.items() if k.startswith("ppl")}, flush=True)
     record = {"environment": environment() | {"cpu": cpu()}, "threads": THREADS,
               "dram_bandwidth_gb_s": dram_bandwidth() / 1e9, "prompt_len": PROMPT_LEN, "new_tokens": args.new_tokens,
-              "rounds": args.rounds, "rows": rows}
+              "rounds": args.rounds, "ppl_text": f"valid.txt[:{args.ppl_chars}]" if args.ppl_chars else "valid.txt",
+              "rows": rows}
     (RESULTS / "peers-cpu.json").write_text(json.dumps(record, indent=1) + "\n")
     write_report(record)
 
@@ -233,19 +251,20 @@ def write_report(record: dict) -> None:
              f"Prompts of {record['prompt_len']} tokens, {record['new_tokens']} new tokens per sequence, decode tok/s "
              f"(prefill excluded), median of {record['rounds']} alternating rounds (`bench/peers_cpu.py`). DRAM "
              f"bandwidth (copy, {record['threads']} threads): {bandwidth:.1f} GB/s; at batch 1 a step reads every "
-             "weight once, so `bytes x tok/s` is the bandwidth a contender draws.", "",
-             "Perplexity on the whole valid.txt, each against its own reference (llama.cpp: its F16 with "
+             "weight once, so `decode MB x tok/s` is the bandwidth a contender draws.", "",
+             f"Perplexity on {record.get('ppl_text', 'valid.txt')}, each against its own reference (llama.cpp: its F16 with "
              "`llama-perplexity -c 512`; ours: our fp32 dense, disjoint 512-token windows); `ours ctx≥256` scores "
              "the tokens llama-perplexity scores (stride 256), to set beside its absolute figure.", "",
-             "| contender | MB | " + " | ".join(f"batch {b} tok/s" for b in batches)
+             "| contender | file MB | decode MB | " + " | ".join(f"batch {b} tok/s" for b in batches)
              + " | GB/s drawn at batch 1 | PPL | × reference | ours ctx≥256 |",
-             "|---|---:|" + "---:|" * len(batches) + "---:|---:|---:|---:|"]
+             "|---|---:|---:|" + "---:|" * len(batches) + "---:|---:|---:|---:|"]
     for name, row in rows.items():
         ppl = row.get("ppl_stride512") if row["kind"] == "ours" else row.get("ppl_llama")
         ratio = f"{ppl / ref[row['kind']]:.4f}" if ppl and ref[row["kind"]] else "–"
         tok = " | ".join(f"{row['decode_tok_s'][b]:.1f}" for b in batches)
-        drawn = row["bytes"] * row["decode_tok_s"][batches[0]] / 1e9
-        lines.append(f"| {name} | {row['bytes'] / 1e6:.0f} | {tok} | {drawn:.1f} | "
+        decode = row.get("decode_bytes", row["bytes"])  # records before decode bytes were measured
+        drawn = decode * row["decode_tok_s"][batches[0]] / 1e9
+        lines.append(f"| {name} | {row['bytes'] / 1e6:.0f} | {decode / 1e6:.0f} | {tok} | {drawn:.1f} | "
                      f"{f'{ppl:.3f}' if ppl else '–'} | {ratio} | {row.get('ppl_stride256', 0) or '–'} |")
     (RESULTS / "peers-cpu.md").write_text("\n".join(lines) + "\n")
     plot(rows, batches, ref, RESULTS / "peers-cpu.png")

@@ -27,7 +27,7 @@ def test_batched_bench_table_parses_to_decode_tok_s_per_batch():
 def test_report_has_a_row_per_contender_and_the_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(peers_cpu, "RESULTS", tmp_path)
     rows = {
-        "ours dense fp32": {"kind": "ours", "bytes": 540e6, "decode_tok_s": {"1": 25.0, "16": 220.0},
+        "ours dense fp32": {"kind": "ours", "bytes": 270e6, "decode_bytes": 540e6, "decode_tok_s": {"1": 25.0, "16": 220.0},
                             "ppl_stride512": 12.78, "ppl_stride256": 11.9},
         "ours dense int8 a8kv8": {"kind": "ours", "bytes": 145e6, "decode_tok_s": {"1": 70.0, "16": 500.0},
                                   "ppl_stride512": 12.9},
@@ -43,4 +43,5 @@ def test_report_has_a_row_per_contender_and_the_plot(tmp_path, monkeypatch):
     for name in rows:
         assert f"| {name} |" in table
     assert "| 1.0000 |" in table and "| 1.0017 |" in table  # each against its own reference
+    assert "| ours dense fp32 | 270 | 540 | 25.0 | 220.0 | 13.5 |" in table  # bandwidth from the bytes decode reads
     assert (tmp_path / "peers-cpu.png").stat().st_size > 0

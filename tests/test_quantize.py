@@ -16,7 +16,7 @@ from converters.quantize import QuantConfig, quantize_folder
 from engine import LLM, SamplingParams, load_model
 from engine.model.checkpoint import read_manifest
 from engine.model.loader import load_tokenizer
-from engine.model.cpu_serving import NativeDecoderLayer, to_cpu_serving
+from engine.model.cpu_serving import NativeDecoderLayer, decode_weight_bytes, to_cpu_serving
 from engine.model.layers import QuantEmbedding, QuantLinear, QuantLowRankLinear
 from kernels.cpu import build as cpu_native
 from kernels.quant import Quantized, column_prefix, dequantize, quantize, row_prefix
@@ -163,6 +163,28 @@ def test_engine_greedy_with_int8_equals_the_reference(folders, tmp_path, cpu_ker
             expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                           min_new_tokens=12, pad_token_id=0)[0, len(prompt):].tolist()
         assert out.outputs[0].token_ids == expected
+
+
+def test_decode_weight_bytes_count_the_packed_levels_scales_and_norms(folders, tmp_path, cpu_kernels):
+    """What bench/peers_cpu.py divides by: int8 panels of 16 columns, 4 levels of a column per word,
+    a float32 scale per group and column, for every projection and the tied head; the norms."""
+    if cpu_native.library() is None:
+        pytest.skip("no native library: the quantised weights are served dequantised")
+    _, made = folders
+    dense, _ = made["llama-gqa"]
+    quantize_folder(dense, tmp_path / "q", QuantConfig(bits=8, group=32))
+    llm = LLM(tmp_path / "q", dtype="float32", device="cpu")
+    c = CONFIGS["llama-gqa"]
+
+    def packed(n, k, group):
+        columns = -(-n // 16) * 16
+        return columns * -(-k // 4) * 4 + columns * -(-k // group) * 4
+
+    h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    layer = packed(q, h, 32) + 2 * packed(kv, h, 32) + packed(h, q, 32) + 2 * packed(i, h, 32) + packed(h, i, 32)
+    head = packed(VOCAB, h, 64)  # converters.quantize.HEAD_GROUP divides the width 64
+    norms = (2 * c.num_hidden_layers + 1) * h * 4
+    assert decode_weight_bytes(llm.model) == c.num_hidden_layers * layer + head + norms
 
 
 def test_keep_head_leaves_the_head_float_and_lookups_dequantise_rows(folders, tmp_path):

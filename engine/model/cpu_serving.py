@@ -165,6 +165,21 @@ class NativeDecoderLayer(DecoderLayer):
                             ctx.context_lens_tensor, self.self_attn.kv_scales)  # x is updated in place
 
 
+def decode_weight_bytes(model: CausalLM) -> int:
+    """Bytes of parameters one decode step of the serving form reads: every packed matrix (its
+    levels and scales, the head's included), biases and norms. The token table's lookups read one
+    row per token and are left out. Read against tok/s, it is the memory bandwidth decode draws."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (PackedLinear, PackedLowRankLinear)):
+            packed = module.packed if isinstance(module, PackedLowRankLinear) else (module.packed,)
+            total += sum(p.data.nbytes + (p.scales.nbytes if p.scales is not None else 0) for p in packed)
+            total += module.bias.nbytes if module.bias is not None else 0
+        elif isinstance(module, (RMSNorm, NativeRMSNorm)):
+            total += module.weight.nbytes
+    return total
+
+
 def _swap(root: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> None:
     """Replace every submodule m of `root` for which `replacement(m)` is not None (children first)."""
     for parent in list(root.modules()):

@@ -158,8 +158,8 @@ void paged_decode_shared(const float *q, const void *k_cache, const void *v_cach
                                                          * between layers): fetch ahead, a line at a time */
                     const int64_t next = (cursor_next(&ahead) * Hkv + h) * row_bytes;
                     for (int64_t byte = 0; byte < row_bytes; byte += LINE) {
-                        __builtin_prefetch((const char *)k_cache + next + byte, 0, 0);
-                        __builtin_prefetch((const char *)v_cache + next + byte, 0, 0);
+                        __builtin_prefetch((const char *)k_cache + next + byte, 0, PREFETCH_LOCALITY);
+                        __builtin_prefetch((const char *)v_cache + next + byte, 0, PREFETCH_LOCALITY);
                     }
                 }
                 const int64_t row = cursor_next(&key) * Hkv + h;

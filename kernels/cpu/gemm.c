@@ -41,14 +41,14 @@
 #include <string.h>
 
 #include "lowrank_cpu.h"
-#if VNNI
+#if VNNI || defined(__SSSE3__)
 #include <immintrin.h>
 #endif
 
 #define MAX_ROWS 16
 #define MAX_TILES 2 /* adjacent panels per tile at prefill sizes */
 #define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
-#define PREFETCH 32 /* cache lines of weights fetched ahead of the FMAs */
+#define PREFETCH 64 /* cache lines of weights fetched ahead of the FMAs */
 #define LINE 64
 
 /* Rows per tile: the accumulators (rows x vectors per panel row), the panel row and one broadcast
@@ -83,6 +83,83 @@ typedef int32_t ivec_unaligned __attribute__((vector_size(LANES * sizeof(int32_t
 #define PER_WORD(BITS) ((BITS) == 32 ? 1 : 32 / (BITS))
 #define ROW_BYTES (PANEL * 4) /* one panel row, every format */
 
+/* Level j of every lane's word moved to the lane's top bits, zeros below: as a float that is
+ * q·2^(32-BITS) exactly, the power of two folded into the group scale (TOP_SCALE). Byte b of each
+ * lane is moved up by one in-lane byte shuffle (pshufb, a port the conversions and FMAs leave
+ * idle) where the ISA has one, by a shift and a mask elsewhere; an int4 level is then its byte's
+ * high nibble masked, or its low nibble shifted up by 4. */
+#define TOP_SCALE(BITS) (1.0f / (float)(1u << (32 - (BITS))))
+static inline __attribute__((always_inline)) ivec byte_to_top(ivec words, const int b)
+{
+    const ivec top = (ivec){0} + (int32_t)0xFF000000;
+    if (b == 3) return words & top;
+#if (LANES == 16 && defined(__AVX512BW__)) || (LANES == 8 && defined(__AVX2__)) || (LANES == 4 && defined(__SSSE3__))
+    /* per lane: its byte b to byte 3 (bytes are indexed within 16-byte lanes), the others zeroed
+     * (a control byte's top bit) */
+#define LANE_BYTE(p) (int32_t)(0x00808080u | (4u * (p)) << 24)
+#define QUAD LANE_BYTE(0), LANE_BYTE(1), LANE_BYTE(2), LANE_BYTE(3)
+#if LANES == 16
+    const ivec first = {QUAD, QUAD, QUAD, QUAD};
+#elif LANES == 8
+    const ivec first = {QUAD, QUAD};
+#else
+    const ivec first = {QUAD};
+#endif
+#undef QUAD
+#undef LANE_BYTE
+    const ivec control = first + (int32_t)((uint32_t)b << 24);
+#if LANES == 16
+    return (ivec)_mm512_shuffle_epi8((__m512i)words, (__m512i)control);
+#elif LANES == 8
+    return (ivec)_mm256_shuffle_epi8((__m256i)words, (__m256i)control);
+#else
+    return (ivec)_mm_shuffle_epi8((__m128i)words, (__m128i)control);
+#endif
+#else
+    return (words << (24 - 8 * b)) & top;
+#endif
+}
+
+static inline __attribute__((always_inline)) ivec level_to_top(ivec words, const int BITS, const int j)
+{
+    if (BITS == 8) return byte_to_top(words, j);
+    const ivec byte = byte_to_top(words, j / 2);
+    return j % 2 ? byte & ((ivec){0} + (int32_t)0xF0000000) : byte << 4;
+}
+
+/* Panel row r of TILES adjacent panels into `words`, which it returns. */
+static inline __attribute__((always_inline)) const ivec *load_words(const int TILES, const char *panel,
+                                                                   int64_t panel_bytes, int64_t r, ivec *words)
+{
+    for (int t = 0; t < TILES; t++)
+        for (int v = 0; v < VECTORS; v++)
+            words[t * VECTORS + v] = *(const ivec_unaligned *)(panel + t * panel_bytes + ROW_BYTES * r + 4 * LANES * v);
+    return words;
+}
+
+/* One input of a quantised panel row into the accumulators of ROWS rows: its level times
+ * 2^(32-BITS) as float (level_to_top), then acc += x·q·d, or part += x·q where the tile folds
+ * its scale in once per group (FOLD); d carries TOP_SCALE. */
+static inline __attribute__((always_inline)) void fma_level(const int ROWS, const int NV, const int BITS,
+                                                            const int FOLD, const ivec *words, const int j,
+                                                            const vec *d, const float *x, int64_t ldx,
+                                                            vec acc[][MAX_TILES * VECTORS],
+                                                            vec part[][MAX_TILES * VECTORS])
+{
+    vec wk[MAX_TILES * VECTORS];
+    for (int v = 0; v < NV; v++) {
+        wk[v] = __builtin_convertvector(level_to_top(words[v], BITS, j), vec);
+        if (!FOLD) wk[v] *= d[v];
+    }
+    for (int m = 0; m < ROWS; m++)
+        for (int v = 0; v < NV; v++) {
+            if (FOLD)
+                part[m][v] += x[m * ldx] * wk[v];
+            else
+                acc[m][v] += x[m * ldx] * wk[v];
+        }
+}
+
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
  * rows. ROWS, TILES and BITS are compile-time constants at every call site, so the accumulators
  * live in registers (they are never address-taken): at decode sizes one panel (the weight
@@ -104,7 +181,7 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
             vec wk[MAX_TILES * VECTORS];
             for (int t = 0; t < TILES; t++) {
                 const float *row = (const float *)(panel + t * panel_bytes) + PANEL * k;
-                __builtin_prefetch(ahead + t * panel_bytes + LINE * k, 0, 0);
+                __builtin_prefetch(ahead + t * panel_bytes + LINE * k, 0, PREFETCH_LOCALITY);
                 for (int v = 0; v < VECTORS; v++) wk[t * VECTORS + v] = *(const vec_unaligned *)(row + LANES * v);
             }
             for (int m = 0; m < ROWS; m++) {
@@ -113,44 +190,45 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
             }
         }
     } else {
+        /* A tile of a few rows has few accumulators, and each would wait on its previous FMA (one
+         * per input): there the inputs of a word go round CHAINS partial sums of q·x per group,
+         * scaled by d once per group, which also saves the multiply per weight. */
+        const int FOLD = ROWS * TILES * VECTORS < 4, CHAINS = FOLD ? 4 / (ROWS * TILES * VECTORS) : 1;
         const int64_t group = w->group, groups = (K + group - 1) / group;
         for (int64_t g = 0; g < groups; g++) {
-            vec d[MAX_TILES * VECTORS];
+            vec d[MAX_TILES * VECTORS], part[4][MAX_ROWS][MAX_TILES * VECTORS];
+            ivec words[MAX_TILES * VECTORS];
             for (int t = 0; t < TILES; t++)
                 for (int v = 0; v < VECTORS; v++)
-                    d[t * VECTORS + v] = *(const vec_unaligned *)(scales + (t * groups + g) * PANEL + LANES * v);
+                    d[t * VECTORS + v] =
+                        *(const vec_unaligned *)(scales + (t * groups + g) * PANEL + LANES * v) * TOP_SCALE(BITS);
+            if (FOLD)
+                for (int c = 0; c < CHAINS; c++)
+                    for (int m = 0; m < ROWS; m++)
+                        for (int v = 0; v < TILES * VECTORS; v++) part[c][m][v] = (vec){0};
             const int64_t k_end = (g + 1) * group < K ? (g + 1) * group : K;
-            for (int64_t k = g * group; k < k_end;) {
-                const int64_t r = k / PER_WORD(BITS); /* the panel row */
-                ivec words[MAX_TILES * VECTORS];
-                for (int t = 0; t < TILES; t++)
-                    for (int v = 0; v < VECTORS; v++)
-                        words[t * VECTORS + v] =
-                            *(const ivec_unaligned *)(panel + t * panel_bytes + ROW_BYTES * r + 4 * LANES * v);
-                if (k % PER_WORD(BITS) == 0 && k + PER_WORD(BITS) <= k_end) { /* a whole word: constant shifts */
-                    for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES * r, 0, 0);
-                    for (int j = 0; j < PER_WORD(BITS); j++) {
-                        vec wk[MAX_TILES * VECTORS];
-                        for (int v = 0; v < TILES * VECTORS; v++)
-                            wk[v] = __builtin_convertvector((words[v] << (32 - BITS * (j + 1))) >> (32 - BITS), vec) * d[v];
-                        for (int m = 0; m < ROWS; m++) {
-                            const float xm = x[m * ldx + k + j];
-                            for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
-                        }
-                    }
-                    k += PER_WORD(BITS);
-                } else { /* a word split by a group boundary or by the end of K: one input */
-                    const int top = 32 - BITS - BITS * (int)(k % PER_WORD(BITS));
-                    vec wk[MAX_TILES * VECTORS];
-                    for (int v = 0; v < TILES * VECTORS; v++)
-                        wk[v] = __builtin_convertvector((words[v] << top) >> (32 - BITS), vec) * d[v];
-                    for (int m = 0; m < ROWS; m++) {
-                        const float xm = x[m * ldx + k];
-                        for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
-                    }
-                    k++;
-                }
+            int64_t k = g * group;
+            /* the inputs before the group's first whole word, its whole words, those after the last */
+            for (; k < k_end && k % PER_WORD(BITS); k++)
+                fma_level(ROWS, TILES * VECTORS, BITS, FOLD, load_words(TILES, panel, panel_bytes, k / PER_WORD(BITS), words),
+                          (int)(k % PER_WORD(BITS)), d, x + k, ldx, acc, part[0]);
+            for (; k + PER_WORD(BITS) <= k_end; k += PER_WORD(BITS)) {
+                const int64_t r = k / PER_WORD(BITS);
+                load_words(TILES, panel, panel_bytes, r, words);
+                for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES * r, 0, PREFETCH_LOCALITY);
+                for (int j = 0; j < PER_WORD(BITS); j++)
+                    fma_level(ROWS, TILES * VECTORS, BITS, FOLD, words, j, d, x + k + j, ldx, acc, part[j % CHAINS]);
             }
+            for (; k < k_end; k++)
+                fma_level(ROWS, TILES * VECTORS, BITS, FOLD, load_words(TILES, panel, panel_bytes, k / PER_WORD(BITS), words),
+                          (int)(k % PER_WORD(BITS)), d, x + k, ldx, acc, part[0]);
+            if (FOLD)
+                for (int m = 0; m < ROWS; m++)
+                    for (int v = 0; v < TILES * VECTORS; v++) {
+                        vec sum = part[0][m][v];
+                        for (int c = 1; c < CHAINS; c++) sum += part[c][m][v];
+                        acc[m][v] += sum * d[v];
+                    }
         }
     }
     for (int t = 0; t < TILES && PANEL * t < cols; t++) {
@@ -259,6 +337,35 @@ static void quantize_rows_shared(const int BITS, const float *x, int64_t ldx, in
     }
 }
 
+/* Panel row r (one word per lane: 4 int8 or 8 int4 levels) times the same inputs of ROWS rounded
+ * rows, summed into sums [ROWS][VECTORS] by vpdpbusd. */
+static inline __attribute__((always_inline)) void vnni_word(const int ROWS, const int BITS, const char *panel,
+                                                            int64_t r, const int8_t *xq, int64_t ldq,
+                                                            const char *ahead, ivec sums[][VECTORS])
+{
+    const ivec flip = (ivec){0} + (int32_t)0x80808080, high = (ivec){0} + (int32_t)0xF0F0F0F0;
+    __builtin_prefetch(ahead + ROW_BYTES * r, 0, PREFETCH_LOCALITY);
+    ivec w[VECTORS];
+    for (int v = 0; v < VECTORS; v++) w[v] = *(const ivec_unaligned *)(panel + ROW_BYTES * r + 4 * LANES * v);
+    if (BITS == 8) {
+        for (int v = 0; v < VECTORS; v++) w[v] ^= flip;
+        for (int m = 0; m < ROWS; m++) {
+            const int32_t a = ((const int32_t *)(xq + m * ldq))[r];
+            for (int v = 0; v < VECTORS; v++) sums[m][v] = dot4(sums[m][v], w[v], a);
+        }
+    } else { /* the even inputs' nibbles, then the odd ones', each at the top of a byte */
+        ivec even[VECTORS], odd[VECTORS];
+        for (int v = 0; v < VECTORS; v++) {
+            even[v] = ((w[v] << 4) & high) ^ flip;
+            odd[v] = (w[v] & high) ^ flip;
+        }
+        for (int m = 0; m < ROWS; m++) {
+            const int32_t *a = (const int32_t *)(xq + m * ldq) + 2 * r;
+            for (int v = 0; v < VECTORS; v++) sums[m][v] = dot4(dot4(sums[m][v], even[v], a[0]), odd[v], a[1]);
+        }
+    }
+}
+
 /* ROWS rows of the rounded x times one panel -> y columns [0, cols). Per group of inputs: the
  * products summed in int32 registers, less the offset term, then converted and scaled by d_w·d_x
  * into the float accumulators. */
@@ -272,39 +379,27 @@ static inline __attribute__((always_inline)) void tile_rows_vnni(const int ROWS,
     vec acc[VNNI_ROWS][VECTORS];
     for (int m = 0; m < ROWS; m++)
         for (int v = 0; v < VECTORS; v++) acc[m][v] = (vec){0};
-    const ivec flip = (ivec){0} + (int32_t)0x80808080, high = (ivec){0} + (int32_t)0xF0F0F0F0;
+    /* a tile of few rows would wait on each int32 sum's previous vpdpbusd: there consecutive words go
+     * round CHAINS sums */
+    const int CHAINS = ROWS * VECTORS < 4 ? 4 / (ROWS * VECTORS) : 1;
     const int64_t per_group = group / PER_WORD(BITS); /* weight words per group */
     for (int64_t g = 0; g < groups; g++) {
-        ivec sums[VNNI_ROWS][VECTORS];
-        for (int m = 0; m < ROWS; m++)
-            for (int v = 0; v < VECTORS; v++) sums[m][v] = (ivec){0};
+        ivec sums[4][VNNI_ROWS][VECTORS];
+        for (int c = 0; c < CHAINS; c++)
+            for (int m = 0; m < ROWS; m++)
+                for (int v = 0; v < VECTORS; v++) sums[c][m][v] = (ivec){0};
         const int64_t r_end = (g + 1) * per_group < words ? (g + 1) * per_group : words;
-        for (int64_t r = g * per_group; r < r_end; r++) {
-            __builtin_prefetch(ahead + ROW_BYTES * r, 0, 0);
-            ivec w[VECTORS];
-            for (int v = 0; v < VECTORS; v++) w[v] = *(const ivec_unaligned *)(panel + ROW_BYTES * r + 4 * LANES * v);
-            if (BITS == 8) {
-                for (int v = 0; v < VECTORS; v++) w[v] ^= flip;
-                for (int m = 0; m < ROWS; m++) {
-                    const int32_t a = ((const int32_t *)(xq + m * ldq))[r];
-                    for (int v = 0; v < VECTORS; v++) sums[m][v] = dot4(sums[m][v], w[v], a);
-                }
-            } else { /* the even inputs' nibbles, then the odd ones', each at the top of a byte */
-                ivec even[VECTORS], odd[VECTORS];
-                for (int v = 0; v < VECTORS; v++) {
-                    even[v] = ((w[v] << 4) & high) ^ flip;
-                    odd[v] = (w[v] & high) ^ flip;
-                }
-                for (int m = 0; m < ROWS; m++) {
-                    const int32_t *a = (const int32_t *)(xq + m * ldq) + 2 * r;
-                    for (int v = 0; v < VECTORS; v++) sums[m][v] = dot4(dot4(sums[m][v], even[v], a[0]), odd[v], a[1]);
-                }
-            }
-        }
+        int64_t r = g * per_group;
+        for (; r + CHAINS <= r_end; r += CHAINS)
+            for (int c = 0; c < CHAINS; c++) vnni_word(ROWS, BITS, panel, r + c, xq, ldq, ahead, sums[c]);
+        for (; r < r_end; r++) vnni_word(ROWS, BITS, panel, r, xq, ldq, ahead, sums[0]);
+        for (int c = 1; c < CHAINS; c++)
+            for (int m = 0; m < ROWS; m++)
+                for (int v = 0; v < VECTORS; v++) sums[0][m][v] += sums[c][m][v];
         for (int v = 0; v < VECTORS; v++) {
             const vec d = *(const vec_unaligned *)(scales + g * PANEL + LANES * v) * (BITS == 8 ? 1.0f : 0.0625f);
             for (int m = 0; m < ROWS; m++)
-                acc[m][v] += __builtin_convertvector(sums[m][v] - xs[m * groups + g], vec) * (d * xd[m * groups + g]);
+                acc[m][v] += __builtin_convertvector(sums[0][m][v] - xs[m * groups + g], vec) * (d * xd[m * groups + g]);
         }
     }
     const int width = cols < PANEL ? cols : PANEL;

@@ -81,6 +81,12 @@ int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, c
 #else
 #define VNNI 0
 #endif
+/* Software prefetches ask for every cache level (prefetcht0): on an Intel Xeon (AVX-512) the
+ * non-temporal hint (prefetchnta, which the Zen 3 they were first tuned on served as well) held
+ * the weight stream of a batch-1 GEMV to under half the bandwidth prefetcht0 reaches, in
+ * alternating runs (issue 20's notes). */
+#define PREFETCH_LOCALITY 3
+
 #define VNNI_MIN_ROWS 4 /* fewer rows are bound by the weights' bytes: the float path serves them */
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
