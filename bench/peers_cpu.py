@@ -1,10 +1,10 @@
 """Against llama.cpp on this CPU, in one run: decode throughput at batch 1, 16 and 64 and held-out
 perplexity of llama.cpp's GGUFs of the dense SmolLM2 (F32, F16, Q8_0, Q4_K_M, Q3_K_M) and of ours
-(dense and a compressed folder, each in fp32, int8 and int4; the quantised ones also with int8
+(dense and compressed folders, each in fp32, int8 and int4; the quantised ones also with int8
 activations and an int8 KV cache, "a8kv8", where the CPU has VNNI), 2 threads each.
 
     bash bench/peers/llama_cpp.sh                # once per machine: builds llama.cpp, makes the GGUFs
-    .venv/bin/python bench/peers_cpu.py [--compressed FOLDER] [--rounds 3] [--skip-perplexity]
+    .venv/bin/python bench/peers_cpu.py [--compressed FOLDER ...] [--rounds 3] [--skip-perplexity]
 
 Decode tok/s: 64-token prompts, `--new-tokens` greedy tokens per sequence, EOS ignored. llama.cpp:
 `llama-batched-bench`'s S_TG (its decode throughput over all sequences). Ours: the engine's
@@ -72,16 +72,14 @@ def peer_cache() -> Path:
 FAST = {"int8_activations": True, "kv_cache_dtype": "int8"}  # the "a8kv8" rows' engine settings
 
 
-def our_folders(dense: Path, compressed: Path | None) -> dict[str, tuple[Path, dict]]:
-    """name -> (folder, engine settings): dense and `compressed`, each in fp32 and quantised (made
+def our_folders(dense: Path, compressed: list[Path]) -> dict[str, tuple[Path, dict]]:
+    """name -> (folder, engine settings): dense and each `compressed`, in fp32 and quantised (made
     once under models/peers), the quantised ones also with FAST where the CPU multiplies in integers."""
     from kernels.cpu.gemm import int8_products
 
     formats = {"int8": QuantConfig(bits=8), "int4": QuantConfig(bits=4, calib=str(CORPUS / "train.txt"))}
     folders = {}
-    for base_name, base in (("dense", dense), ("compressed", compressed)):
-        if base is None:
-            continue
+    for base_name, base in (("dense", dense), *((c.name, c) for c in compressed)):
         folders[f"ours {base_name} fp32"] = base, {}
         for label, config in formats.items():
             out = PEERS / f"{base.name}-{label}"
@@ -181,8 +179,8 @@ def dram_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compressed", type=Path, help="our compressed folder to set beside the dense one "
-                        "(default: models/quality/soco+heal-0.4, else soco-0.4, when bench/quality.py made them)")
+    parser.add_argument("--compressed", type=Path, nargs="*", help="our compressed folders to set beside the dense "
+                        "one (default: models/quality/soco+heal-0.4, else soco-0.4, when bench/quality.py made them)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -193,9 +191,10 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     cache = peer_cache()
     dense = pull("smollm2-135m", REPO / "models")
-    compressed = args.compressed or next((f for f in (REPO / "models" / "quality" / n for n in ("soco+heal-0.4", "soco-0.4"))
-                                          if (f / "lowrank.json").is_file()), None)
-    if compressed is None:
+    default = next((f for f in (REPO / "models" / "quality" / n for n in ("soco+heal-0.4", "soco-0.4"))
+                    if (f / "lowrank.json").is_file()), None)
+    compressed = args.compressed if args.compressed is not None else [default] if default else []
+    if not compressed:
         print("no compressed folder (give --compressed): timing the dense contenders only", file=sys.stderr)
     ours = our_folders(dense, compressed)
     ggufs = {f"llama.cpp {t.upper()}": cache / "gguf" / f"{dense.name}-{t}.gguf" for t in GGUF_TYPES}
