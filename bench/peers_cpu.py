@@ -187,7 +187,10 @@ def main() -> None:
     parser.add_argument("--skip-perplexity", action="store_true")
     parser.add_argument("--ppl-chars", type=int, help="score only the first N characters of valid.txt (every "
                         "contender the same text; default: the whole file)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from peers-cpu.json")
     args = parser.parse_args()
+    if args.report_only:
+        return write_report(json.loads((RESULTS / "peers-cpu.json").read_text()))
     torch.set_num_threads(THREADS)
     cache = peer_cache()
     dense = pull("smollm2-135m", REPO / "models")
@@ -261,10 +264,11 @@ def write_report(record: dict) -> None:
         ppl = row.get("ppl_stride512") if row["kind"] == "ours" else row.get("ppl_llama")
         ratio = f"{ppl / ref[row['kind']]:.4f}" if ppl and ref[row["kind"]] else "–"
         tok = " | ".join(f"{row['decode_tok_s'][b]:.1f}" for b in batches)
+        ctx256 = f"{row['ppl_stride256']:.3f}" if row.get("ppl_stride256") else "–"
         decode = row.get("decode_bytes", row["bytes"])  # records before decode bytes were measured
         drawn = decode * row["decode_tok_s"][batches[0]] / 1e9
         lines.append(f"| {name} | {row['bytes'] / 1e6:.0f} | {decode / 1e6:.0f} | {tok} | {drawn:.1f} | "
-                     f"{f'{ppl:.3f}' if ppl else '–'} | {ratio} | {row.get('ppl_stride256', 0) or '–'} |")
+                     f"{f'{ppl:.3f}' if ppl else '–'} | {ratio} | {ctx256} |")
     (RESULTS / "peers-cpu.md").write_text("\n".join(lines) + "\n")
     plot(rows, batches, ref, RESULTS / "peers-cpu.png")
 
@@ -276,16 +280,18 @@ def plot(rows: dict, batches: list[str], ref: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, row in rows.items():
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, row) in enumerate(rows.items()):
         marker = "o" if row["kind"] == "ours" else "s"
         mb = row["bytes"] / 1e6
-        for b in batches:
-            axes[0].scatter(mb, row["decode_tok_s"][b], marker=marker, label=f"{name} (batch {b})" if b == batches[0] else None)
+        tok = [row["decode_tok_s"][b] for b in batches]  # one colour per contender, a line through its batch sizes
+        axes[0].plot([mb] * len(tok), tok, marker=marker, color=colors[i % len(colors)], label=name)
         ppl = row.get("ppl_stride512") if row["kind"] == "ours" else row.get("ppl_llama")
         if ppl and ref[row["kind"]]:
             axes[1].scatter(mb, ppl / ref[row["kind"]], marker=marker)
             axes[1].annotate(name, (mb, ppl / ref[row["kind"]]), fontsize=7)
-    axes[0].set(xlabel="model MB", ylabel="decode tok/s", yscale="log", title="throughput against bytes")
+    axes[0].set(xlabel="model MB", ylabel="decode tok/s", yscale="log",
+                title=f"throughput against bytes (batch {', '.join(batches)}: one point each)")
     axes[0].legend(fontsize=6)
     axes[1].set(xlabel="model MB", ylabel="perplexity / own reference", title="perplexity against bytes")
     fig.tight_layout()
