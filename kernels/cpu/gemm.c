@@ -77,9 +77,9 @@ typedef int32_t ivec_unaligned __attribute__((vector_size(LANES * sizeof(int32_t
 
 /* Quantised panels hold PER_WORD(BITS) consecutive inputs of one output column in each 32-bit
  * word (byte or nibble j = input PER_WORD·r + j, two's complement), so one panel row is PANEL
- * words (a cache line) for 4 (int8) or 8 (int4) inputs. A level is widened with two shifts of
- * the word vector (left to the top, arithmetic right back), which every ISA vectorises: GCC
- * scalarises a direct int8 -> int32 vector conversion (one byte per instruction). */
+ * words (a cache line) for 4 (int8) or 8 (int4) inputs. A level is widened by moving it to the
+ * top of its 32-bit lane (level_to_top below) and converting the lane: GCC scalarises a direct
+ * int8 -> int32 vector conversion (one byte per instruction). */
 #define PER_WORD(BITS) ((BITS) == 32 ? 1 : 32 / (BITS))
 #define ROW_BYTES (PANEL * 4) /* one panel row, every format */
 
@@ -164,8 +164,9 @@ static inline __attribute__((always_inline)) void fma_level(const int ROWS, cons
  * rows. ROWS, TILES and BITS are compile-time constants at every call site, so the accumulators
  * live in registers (they are never address-taken): at decode sizes one panel (the weight
  * streamed once), with AVX-512 8 rows x 2 panels at prefill sizes (each broadcast of x feeds two
- * FMAs: 10 loads per 16 FMAs instead of 17). Quantised levels are widened to float and scaled in
- * registers, per input, before the same FMAs (w = q·d); the float weight never exists in memory. */
+ * FMAs: 10 loads per 16 FMAs instead of 17). Quantised levels are widened to float in registers
+ * before the same FMAs and scaled per input (w = q·d), or, in tiles of few rows, once per group of
+ * summed products; the float weight never exists in memory. */
 static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const int BITS,
                                                             const float *x, int64_t ldx, int64_t K,
                                                             const cpu_weight *w, const char *panel,
