@@ -1,10 +1,12 @@
 """Against llama.cpp on this CPU, in one run: decode throughput at batch 1, 16 and 64 and held-out
 perplexity of llama.cpp's GGUFs of the dense SmolLM2 (F32, F16, Q8_0, Q4_K_M, Q3_K_M) and of ours
 (dense and compressed folders, each in fp32, int8 and int4; the quantised ones also with int8
-activations and an int8 KV cache, "a8kv8", where the CPU has VNNI), 2 threads each.
+activations, "a8", and with an int8 KV cache besides, "a8kv8", where the CPU has VNNI), 2 threads
+each. Every one of ours caches K/V in float16 (`kv_cache_dtype="float16"`) but the a8kv8 rows, as
+llama.cpp caches them by default: the cache's bytes are the same on both sides.
 
     bash bench/peers/llama_cpp.sh                # once per machine: builds llama.cpp, makes the GGUFs
-    .venv/bin/python bench/peers_cpu.py [--compressed FOLDER ...] [--rounds 3] [--skip-perplexity]
+    .venv/bin/python bench/peers_cpu.py [--compressed FOLDER ...] [--rounds 3] [--skip-perplexity] [--name NAME]
 
 Decode tok/s: 64-token prompts, `--new-tokens` greedy tokens per sequence, EOS ignored. llama.cpp:
 `llama-batched-bench`'s S_TG (its decode throughput over all sequences). Ours: the engine's
@@ -24,8 +26,8 @@ is served as stored). The DRAM bandwidth measured here bounds decode at batch 1:
 bandwidth / decode bytes.
 
 Our int8 folders round to nearest in groups of 64, int4 by GPTQ in groups of 32 (`lowrank
-quantize` defaults), made under models/peers/ when missing. Writes bench/results/peers-cpu.json,
-.md and .png.
+quantize` defaults), made under models/peers/ when missing. Writes bench/results/NAME.json, .md
+and .png (NAME: peers-cpu by default).
 """
 
 from __future__ import annotations
@@ -69,25 +71,28 @@ def peer_cache() -> Path:
     return Path(out[-1])
 
 
-FAST = {"int8_activations": True, "kv_cache_dtype": "int8"}  # the "a8kv8" rows' engine settings
+KV = {"kv_cache_dtype": "float16"}  # every row's cache but a8kv8's: llama.cpp's default (F16 K and V)
+FAST = {"a8": KV | {"int8_activations": True}, "a8kv8": {"int8_activations": True, "kv_cache_dtype": "int8"}}
 
 
 def our_folders(dense: Path, compressed: list[Path]) -> dict[str, tuple[Path, dict]]:
     """name -> (folder, engine settings): dense and each `compressed`, in fp32 and quantised (made
-    once under models/peers), the quantised ones also with FAST where the CPU multiplies in integers."""
+    once under models/peers), the quantised ones also with FAST's settings where the CPU multiplies in
+    integers."""
     from kernels.cpu.gemm import int8_products
 
     formats = {"int8": QuantConfig(bits=8), "int4": QuantConfig(bits=4, calib=str(CORPUS / "train.txt"))}
     folders = {}
     for base_name, base in (("dense", dense), *((c.name, c) for c in compressed)):
-        folders[f"ours {base_name} fp32"] = base, {}
+        folders[f"ours {base_name} fp32"] = base, KV
         for label, config in formats.items():
             out = PEERS / f"{base.name}-{label}"
             if not (out / "lowrank.json").is_file():
                 quantize_folder(base, out, config)
-            folders[f"ours {base_name} {label}"] = out, {}
+            folders[f"ours {base_name} {label}"] = out, KV
             if int8_products():
-                folders[f"ours {base_name} {label} a8kv8"] = out, FAST
+                for fast, settings in FAST.items():
+                    folders[f"ours {base_name} {label} {fast}"] = out, settings
     return folders
 
 
@@ -158,8 +163,7 @@ def our_perplexity(folder: Path, settings: dict, ids: list[int], both_strides: b
     from engine.model.cpu_serving import to_cpu_serving
 
     model = load_model(folder, device="cpu", dtype="float32")
-    if settings.get("kv_cache_dtype") == "int8":
-        model.use_int8_kv()
+    model.use_kv_cache_dtype(settings.get("kv_cache_dtype", "auto"))
     to_cpu_serving(model, settings.get("int8_activations", False))  # the served path: the native kernels
     return {f"ppl_stride{s}": perplexity(model, ids, ctx=512, stride=s).perplexity
             for s in ((512, 256) if both_strides else (512,))}
@@ -187,10 +191,11 @@ def main() -> None:
     parser.add_argument("--skip-perplexity", action="store_true")
     parser.add_argument("--ppl-chars", type=int, help="score only the first N characters of valid.txt (every "
                         "contender the same text; default: the whole file)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from peers-cpu.json")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from NAME.json")
+    parser.add_argument("--name", default="peers-cpu", help="results file stem under bench/results (default peers-cpu)")
     args = parser.parse_args()
     if args.report_only:
-        return write_report(json.loads((RESULTS / "peers-cpu.json").read_text()))
+        return write_report(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
     torch.set_num_threads(THREADS)
     cache = peer_cache()
     dense = pull("smollm2-135m", REPO / "models")
@@ -238,12 +243,12 @@ def main() -> None:
               "dram_bandwidth_gb_s": dram_bandwidth() / 1e9, "prompt_len": PROMPT_LEN, "new_tokens": args.new_tokens,
               "rounds": args.rounds, "ppl_text": f"valid.txt[:{args.ppl_chars}]" if args.ppl_chars else "valid.txt",
               "rows": rows}
-    (RESULTS / "peers-cpu.json").write_text(json.dumps(record, indent=1) + "\n")
-    write_report(record)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_report(record, args.name)
 
 
-def write_report(record: dict) -> None:
-    """peers-cpu.md (table) and peers-cpu.png (tok/s and perplexity ratio against bytes)."""
+def write_report(record: dict, name: str = "peers-cpu") -> None:
+    """NAME.md (table) and NAME.png (tok/s and perplexity ratio against bytes)."""
     rows, batches = record["rows"], list(next(iter(record["rows"].values()))["decode_tok_s"])
     ref = {"ours": rows.get("ours dense fp32", {}).get("ppl_stride512"), "llama.cpp": rows.get("llama.cpp F16", {}).get("ppl_llama")}
     bandwidth = record["dram_bandwidth_gb_s"]
@@ -260,17 +265,17 @@ def write_report(record: dict) -> None:
              "| contender | file MB | decode MB | " + " | ".join(f"batch {b} tok/s" for b in batches)
              + " | GB/s drawn at batch 1 | PPL | × reference | ours ctx≥256 |",
              "|---|---:|---:|" + "---:|" * len(batches) + "---:|---:|---:|---:|"]
-    for name, row in rows.items():
+    for contender, row in rows.items():
         ppl = row.get("ppl_stride512") if row["kind"] == "ours" else row.get("ppl_llama")
         ratio = f"{ppl / ref[row['kind']]:.4f}" if ppl and ref[row["kind"]] else "–"
         tok = " | ".join(f"{row['decode_tok_s'][b]:.1f}" for b in batches)
         ctx256 = f"{row['ppl_stride256']:.3f}" if row.get("ppl_stride256") else "–"
         decode = row.get("decode_bytes", row["bytes"])  # records before decode bytes were measured
         drawn = decode * row["decode_tok_s"][batches[0]] / 1e9
-        lines.append(f"| {name} | {row['bytes'] / 1e6:.0f} | {decode / 1e6:.0f} | {tok} | {drawn:.1f} | "
+        lines.append(f"| {contender} | {row['bytes'] / 1e6:.0f} | {decode / 1e6:.0f} | {tok} | {drawn:.1f} | "
                      f"{f'{ppl:.3f}' if ppl else '–'} | {ratio} | {ctx256} |")
-    (RESULTS / "peers-cpu.md").write_text("\n".join(lines) + "\n")
-    plot(rows, batches, ref, RESULTS / "peers-cpu.png")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, batches, ref, RESULTS / f"{name}.png")
 
 
 def plot(rows: dict, batches: list[str], ref: dict, out: Path) -> None:

@@ -78,8 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     text_path = Path(args.text) if args.text else default_text()
     text = load_text(text_path, args.max_chars)
     model = load_model(path, dtype=args.dtype, device=args.device, ratio=args.ratio)
-    if args.kv_cache_dtype == "int8":
-        model.use_int8_kv()  # attends to the int8-rounded K/V, as the engine serves them
+    model.use_kv_cache_dtype(args.kv_cache_dtype)  # attends to the K/V as stored, as the engine serves them
     if args.int8_activations and model.device.type == "cpu":
         from engine.model.cpu_serving import to_cpu_serving
 
@@ -453,7 +452,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--ratio", type=float, help="compressed folders: serve a smaller rank prefix at this ratio")
     p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
-                   help="auto: the model's dtype; int8: K/V as int8 with a scale per vector (default auto)")
+                   help="auto: the model's dtype; float16; int8: K/V as int8 with a scale per vector (default auto)")
     p.add_argument("--int8-activations", action="store_true",
                    help="CPU, int8/int4 weights: multiply by int8-rounded inputs where the CPU has VNNI")
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-KV_DTYPES = ("auto", "int8")  # "auto": the model's dtype; "int8": kernels.kv_quant's format
+import torch
+
+# kv_cache_dtype -> what the cache stores: "auto", the model's dtype; "float16" (llama.cpp's default
+# cache, half a float32 model's bytes); "int8", kernels.kv_quant's format
+KV_CACHE_DTYPES = {"auto": None, "float16": torch.float16, "int8": torch.int8}
+KV_DTYPES = tuple(KV_CACHE_DTYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +23,7 @@ class EngineConfig:
     seed: int = 0  # the RNG of requests that bring no seed of their own
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured per batch size
     int8_activations: bool = False  # CPU, int8 / int4 weights: multiply by int8-rounded rows where it has VNNI
-    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "int8": int8 K/V with a scale per vector (kernels.kv_quant)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: "auto" (the model's dtype), "float16", "int8" (kernels.kv_quant)
 
     def __post_init__(self) -> None:
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size"]

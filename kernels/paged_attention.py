@@ -34,10 +34,10 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tens
 def _gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, length: int,
                scales: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of the first `length` keys and values [..., length, Hkv, D] in `dtype`, an int8
-    cache's dequantised with its scale pools."""
+    cache's dequantised with its scale pools, a float one of another dtype (float16) widened."""
     k, v = _gather(k_cache, table, length), _gather(v_cache, table, length)
     if scales is None:
-        return k, v
+        return k.to(dtype), v.to(dtype)
     return (dequantize_vectors(k, _gather(scales[0], table, length), dtype),
             dequantize_vectors(v, _gather(scales[1], table, length), dtype))
 
@@ -153,8 +153,8 @@ def _paged_decode_kernel(
             v_scale = tl.load(vs_ptr + scale_offs, mask=valid, other=0.0)
             k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
             v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
-        elif UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        else:  # the queries' dtype: a float16 cache for float32 / bfloat16 queries, float32 under UPCAST
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:

@@ -105,6 +105,19 @@ def test_int8_cache_decode_attention_matches_float64(isa, window):
     check_native_int8_decode([1, 33, 70, 16], 3, 32, 16, window)
 
 
+def test_float16_conversions_round_as_torch_does(isa):
+    from test_kv_float16 import check_native_conversions
+
+    check_native_conversions()  # F16C / AVX-512F instructions, or the SSE2 build's bit manipulation
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_float16_cache_decode_attention_matches_float64(isa, window):
+    from test_kv_float16 import check_native_float16_decode
+
+    check_native_float16_decode([1, 33, 70, 16], 3, 32, 16, window)
+
+
 def test_native_decoder_layer_matches_the_per_operation_path(isa, tmp_path):
     from test_cpu_decoder import _decode_batch, _model, _run_both
 

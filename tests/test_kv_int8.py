@@ -133,7 +133,7 @@ def test_native_decoder_layer_writes_what_the_torch_writer_writes(rank_fraction,
     from test_cpu_decoder import _decode_batch, _model, _run_both
 
     model = _model("qwen2-bias", tmp_path, rank_fraction)
-    model.use_int8_kv()
+    model.use_kv_cache_dtype("int8")
     ids, positions, ctx, float_pools = _decode_batch(model, [7, 1, 33, 16, 17], 4)
     pools = []
     for layer, k_v in zip(model.model.layers, zip(float_pools[0::2], float_pools[1::2])):
@@ -157,7 +157,7 @@ def test_engine_with_an_int8_cache_equals_the_reference_decoding(name, tmp_path,
     save_tiny_model(CONFIGS[name], tmp_path)
     save_tiny_tokenizer(tmp_path, VOCAB)
     reference = load_model(tmp_path, dtype=torch.float32, device="cpu")
-    reference.use_int8_kv()  # a cache-free forward attending to the rounded K/V
+    reference.use_kv_cache_dtype("int8")  # a cache-free forward attending to the rounded K/V
     llm = LLM(tmp_path, dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=128,
               kv_cache_dtype="int8", max_num_batched_tokens=32)  # 32: prompts prefill in chunks over the cache
     assert llm.runner.kv_cache[0][0].dtype == torch.int8
@@ -175,13 +175,13 @@ def test_int8_cache_bytes_and_bad_settings(tmp_path):
     attn = model.model.layers[0].self_attn
     vectors = len(model.model.layers) * 2 * attn.num_kv_heads  # per token
     assert bytes_per_block(model, 16) == 16 * vectors * attn.head_dim * 4
-    model.use_int8_kv()
+    model.use_kv_cache_dtype("int8")
     assert bytes_per_block(model, 16) == 16 * vectors * (attn.head_dim + 4)
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', 'int8', got 'fp8'"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of 'auto', 'float16', 'int8', got 'fp8'"):
         EngineConfig(kv_cache_dtype="fp8")
     model.model.layers[0].self_attn.inv_freq = model.model.rotary.inv_freq  # as a LoRC folder's layers are
     with pytest.raises(ValueError, match="int8 KV cache takes keys and values, not LoRC latents"):
-        model.model.layers[0].self_attn.use_int8_kv()
+        model.model.layers[0].self_attn.use_kv_cache_dtype("int8")
 
 
 def test_eval_scores_the_int8_cache(tmp_path, capsys, cpu_kernels):

@@ -1,6 +1,6 @@
 """The paged KV cache's memory: per layer one block pool for K and one for V (or for their LoRC
-latents), sized from a byte budget; an int8 cache (kernels.kv_quant) adds a float32 scale pool
-beside each."""
+latents), sized from a byte budget, in the model's dtype or the one its attention caches as
+(`Attention.kv_dtype`); an int8 cache (kernels.kv_quant) adds a float32 scale pool beside each."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def bytes_per_block(model: CausalLM, block_size: int) -> int:
         attn = layer.self_attn
         for shape in attn.cache_shapes():
             per_token += math.prod(shape) + 4 * math.prod(shape[:-1]) if attn.kv_int8 \
-                else math.prod(shape) * model.dtype.itemsize
+                else math.prod(shape) * (attn.kv_dtype or model.dtype).itemsize
     return block_size * per_token
 
 
@@ -38,7 +38,7 @@ def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> list
     caches = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        dtype = torch.int8 if attn.kv_int8 else model.dtype
+        dtype = attn.kv_dtype or model.dtype
         kv = tuple(torch.zeros((num_blocks, block_size, *shape), dtype=dtype, device=model.device)
                    for shape in attn.cache_shapes())
         attn.kv_cache = kv

@@ -69,12 +69,12 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """New queries [T, Hq, D] over the paged cache (their own K/V already written there) -> [T, Hq, D].
 
-    flash-attn's paged decode when installed, on CUDA, with pages it accepts and a float cache;
+    flash-attn's paged decode when installed, on CUDA, with pages it accepts and a cache in q's dtype;
     otherwise `kernels.paged_attention` (the Triton decode kernel or the torch reference), which
-    also read an int8 cache (`scales`: its K and V scale pools, kernels.kv_quant). The CPU serving
+    also read a float16 cache and an int8 one (`scales`: its K and V scale pools, kernels.kv_quant). The CPU serving
     form's attention (`engine.model.cpu_serving`) takes decode steps to the native kernel first.
     """
-    flash = _flash("flash_attn_with_kvcache", q) if scales is None else None
+    flash = _flash("flash_attn_with_kvcache", q) if scales is None and k_cache.dtype == q.dtype else None
     decoding = ctx.max_seqlen == 1
     if flash is not None and decoding and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
         lens = device_lens(ctx.context_lens, ctx.context_lens_tensor, q.device)

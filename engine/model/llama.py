@@ -29,7 +29,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache for this layer
         self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # an int8 cache's scales [blocks, bs, Hkv]
-        self.kv_int8 = False  # set by `use_int8_kv`: K/V cached as int8 (kernels.kv_quant)
+        self.kv_dtype: torch.dtype | None = None  # set by `use_kv_cache_dtype`: what K/V are cached as; None: x's
         self.inv_freq: torch.Tensor | None = None  # set by `use_latent_kv`: keys are rebuilt and rotated there
         self.rope = RoPE()
 
@@ -44,12 +44,23 @@ class Attention(nn.Module):
             raise ValueError("a latent KV cache needs factorised k_proj and v_proj")
         self.inv_freq = inv_freq
 
-    def use_int8_kv(self) -> None:
-        """Cache K and V as int8 vectors with one scale each, and attend to them as stored (kernels.kv_quant)."""
-        if self.latent:
-            raise ValueError("an int8 KV cache takes keys and values, not LoRC latents (kv_cache_dtype='auto' "
+    @property
+    def kv_int8(self) -> bool:
+        """Whether K/V are cached as int8 vectors with one scale each (kernels.kv_quant)."""
+        return self.kv_dtype == torch.int8
+
+    def use_kv_cache_dtype(self, name: str) -> None:
+        """Cache K and V as `name` (engine.config.KV_CACHE_DTYPES: float16, or int8 vectors with one
+        scale each, kernels.kv_quant), and attend to them as stored."""
+        from engine.config import KV_CACHE_DTYPES
+
+        if name not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {name!r}")
+        dtype = KV_CACHE_DTYPES[name]
+        if self.latent and dtype is not None:
+            raise ValueError(f"a {name} KV cache takes keys and values, not LoRC latents (kv_cache_dtype='auto' "
                              "for a LoRC folder)")
-        self.kv_int8 = True
+        self.kv_dtype = dtype
 
     def cache_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-token shapes of what this layer caches: (r_k,), (r_v,) latents, or K and V [Hkv, D]."""
@@ -67,6 +78,9 @@ class Attention(nn.Module):
         if self.kv_int8:  # what is stored is what is attended to, cached or not
             stored = tuple(quantize_vectors(t) for t in cached)
             cached = tuple(dequantize_vectors(levels, scales, x.dtype) for levels, scales in stored)
+        elif self.kv_dtype not in (None, x.dtype):
+            stored = tuple(t.to(self.kv_dtype) for t in cached)
+            cached = tuple(t.to(x.dtype) for t in stored)
         if ctx.slot_mapping is not None:
             self._write_cache(stored, ctx.slot_mapping)
             if ctx.reads_cache:
@@ -152,10 +166,10 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.use_latent_kv(self.model.rotary.inv_freq)
 
-    def use_int8_kv(self) -> None:
-        """Every layer caches (and attends to) int8 keys and values (`kv_cache_dtype="int8"`)."""
+    def use_kv_cache_dtype(self, name: str) -> None:
+        """Every layer caches (and attends to) keys and values as `name` (an EngineConfig.kv_cache_dtype)."""
         for layer in self.model.layers:
-            layer.self_attn.use_int8_kv()
+            layer.self_attn.use_kv_cache_dtype(name)
 
     @property
     def device(self) -> torch.device:

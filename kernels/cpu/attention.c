@@ -6,10 +6,12 @@
  * online softmax (flash-decoding's recurrence) for the group of query heads sharing that KV head.
  * The pairs are split across OpenMP threads. float32, head_dim a multiple of 16.
  *
- * An int8 cache (kernels/kv_quant.py) comes with its scale pools k_scales, v_scales [num_blocks,
- * block_size, Hkv], one per cached vector: each key and value row is widened and scaled into a
- * float row on the stack (in L1) as it is read, and the float code runs on that, so the cache is
- * read at a quarter of the bytes and the arithmetic is the float kernel's. NULL scales: float32.
+ * A float16 cache (cache_bits 16) or an int8 one (8, kernels/kv_quant.py, with its scale pools
+ * k_scales, v_scales [num_blocks, block_size, Hkv], one per cached vector): each key and value row
+ * is widened (and scaled) into a float row on the stack (in L1) as it is read, and the float code
+ * runs on that, so the cache is read at a half or a quarter of the bytes and the arithmetic is the
+ * float kernel's. At batch 64 a float32 cache is read at ~0.7x the bytes of the float32 weights per
+ * SmolLM2 step, and this kernel is bound by those bytes; llama.cpp caches float16 by default.
  *
  * Layouts: q, out [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D];
  * block_tables int32 [B, table_stride]; context_lens int32 [B] (tokens per sequence, the new one
@@ -96,12 +98,17 @@ static inline int64_t cursor_next(key_cursor *c) /* the current key's slot; then
     return slot;
 }
 
-/* Row `row` (slot * Hkv + head) of a cache as D floats: in place for a float cache; an int8 one's
- * levels widened and scaled into `buf` (one multiply per value, as kernels/kv_quant.py's
- * dequantize_vectors does). */
-static inline const float *cache_row(const void *cache, const float *scales, int64_t row, int64_t D, float *buf)
+/* Row `row` (slot * Hkv + head) of a cache as D floats: in place for a float32 cache; a float16
+ * one's widened into `buf`; an int8 one's levels widened and scaled into `buf` (one multiply per
+ * value, as kernels/kv_quant.py's dequantize_vectors does). */
+static inline const float *cache_row(const void *cache, int64_t bits, const float *scales, int64_t row, int64_t D,
+                                     float *buf)
 {
-    if (!scales) return (const float *)cache + row * D;
+    if (bits == 32) return (const float *)cache + row * D;
+    if (bits == 16) {
+        lowrank_cpu_half_to_float((const uint16_t *)cache + row * D, D, buf);
+        return buf;
+    }
     const int8_t *levels = (const int8_t *)cache + row * D;
     const float d = scales[row];
     for (int64_t i = 0; i < D; i++) buf[i] = (float)levels[i] * d;
@@ -127,12 +134,17 @@ int lowrank_cpu_paged_decode_supports(int64_t Hq, int64_t Hkv, int64_t D)
     return Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= MAX_GROUP && D <= MAX_HEAD_DIM && D % HEAD_DIM_MULTIPLE == 0;
 }
 
-void paged_decode_shared(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
-                         const float *v_scales, const int32_t *block_tables, int64_t table_stride,
-                         const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                         int64_t block_size, int64_t window, float scale, float *out)
+int cache_format_valid(int64_t bits, const float *k_scales, const float *v_scales)
 {
-    const int64_t G = Hq / Hkv, row_bytes = D * (k_scales ? 1 : (int64_t)sizeof(float));
+    return bits == 8 ? k_scales && v_scales : (bits == 32 || bits == 16) && !k_scales && !v_scales;
+}
+
+void paged_decode_shared(const float *q, const void *k_cache, const void *v_cache, int64_t cache_bits,
+                         const float *k_scales, const float *v_scales, const int32_t *block_tables,
+                         int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t D, int64_t block_size, int64_t window, float scale, float *out)
+{
+    const int64_t G = Hq / Hkv, row_bytes = D * cache_bits / 8;
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < B * Hkv; pair++) {
         const int64_t b = pair / Hkv, h = pair % Hkv, len = context_lens[b];
@@ -141,8 +153,8 @@ void paged_decode_shared(const float *q, const void *k_cache, const void *v_cach
         const float *qg = q + (b * Hq + h * G) * D;
         float m[MAX_GROUP], l[MAX_GROUP], p[MAX_GROUP][CHUNK] __attribute__((aligned(64)));
         float acc[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64)));
-        float key_buf[MAX_HEAD_DIM] __attribute__((aligned(64)));           /* an int8 cache's rows, */
-        float value_buf[CHUNK][MAX_HEAD_DIM] __attribute__((aligned(64)));  /* widened and scaled */
+        float key_buf[MAX_HEAD_DIM] __attribute__((aligned(64)));           /* a float16 or int8 */
+        float value_buf[CHUNK][MAX_HEAD_DIM] __attribute__((aligned(64)));  /* cache's rows, widened */
         const float *values[CHUNK];
         key_cursor key = cursor_at(table, first, block_size);
         key_cursor ahead = cursor_at(table, first + PREFETCH_KEYS, block_size);
@@ -163,8 +175,8 @@ void paged_decode_shared(const float *q, const void *k_cache, const void *v_cach
                     }
                 }
                 const int64_t row = cursor_next(&key) * Hkv + h;
-                const float *k = cache_row(k_cache, k_scales, row, D, key_buf);
-                values[c] = cache_row(v_cache, v_scales, row, D, value_buf[c]);
+                const float *k = cache_row(k_cache, cache_bits, k_scales, row, D, key_buf);
+                values[c] = cache_row(v_cache, cache_bits, v_scales, row, D, value_buf[c]);
                 for (int64_t g = 0; g < G; g++) p[g][c] = dot(qg + g * D, k, D) * scale;
             }
             for (int64_t g = 0; g < G; g++) {  /* online softmax: rescale once, exponentials LANES at a time */
@@ -191,18 +203,19 @@ void paged_decode_shared(const float *q, const void *k_cache, const void *v_cach
     }
 }
 
-/* Returns 0; -1 when a size is beyond this kernel, -2 when a length or block id is out of range
- * (checked before anything is read). */
-int lowrank_cpu_paged_decode(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
-                             const float *v_scales, const int32_t *block_tables, int64_t table_stride,
-                             const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                             int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out,
-                             int threads)
+/* Returns 0; -1 when a size or the cache format is beyond this kernel, -2 when a length or block
+ * id is out of range (checked before anything is read). */
+int lowrank_cpu_paged_decode(const float *q, const void *k_cache, const void *v_cache, int64_t cache_bits,
+                             const float *k_scales, const float *v_scales, const int32_t *block_tables,
+                             int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv,
+                             int64_t D, int64_t block_size, int64_t num_blocks, int64_t window, float scale,
+                             float *out, int threads)
 {
-    if (!lowrank_cpu_paged_decode_supports(Hq, Hkv, D)) return -1;
+    if (!lowrank_cpu_paged_decode_supports(Hq, Hkv, D) || !cache_format_valid(cache_bits, k_scales, v_scales))
+        return -1;
     if (check_tables(block_tables, table_stride, context_lens, B, block_size, num_blocks)) return -2;
 #pragma omp parallel num_threads(threads)
-    paged_decode_shared(q, k_cache, v_cache, k_scales, v_scales, block_tables, table_stride, context_lens, B, Hq,
-                        Hkv, D, block_size, window, scale, out);
+    paged_decode_shared(q, k_cache, v_cache, cache_bits, k_scales, v_scales, block_tables, table_stride,
+                        context_lens, B, Hq, Hkv, D, block_size, window, scale, out);
     return 0;
 }

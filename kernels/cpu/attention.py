@@ -2,10 +2,10 @@
 
 The torch reference (`kernels.paged_attention_ref`) gathers padded copies of every sequence's K
 and V and calls SDPA; the native kernel reads the cache in place through the block tables, an
-order of magnitude faster at decode sizes (bench/results/cpu-kernels-cpu.md). It takes float32 caches,
-or int8 ones with their float32 scale pools (kernels/kv_quant.py), with a head size that is a multiple of the host's vector width (LANES in lowrank_cpu.h) and at
-most MAX_GROUP query heads per KV head, as the library itself answers; anything else (or no C
-compiler) goes to the reference.
+order of magnitude faster at decode sizes (bench/results/cpu-kernels-cpu.md). It takes float32 or
+float16 caches, or int8 ones with their float32 scale pools (kernels/kv_quant.py), with a head size
+that is a multiple of HEAD_DIM_MULTIPLE (lowrank_cpu.h) and at most MAX_GROUP query heads per KV
+head, as the library itself answers; anything else (or no C compiler) goes to the reference.
 """
 
 from __future__ import annotations
@@ -30,19 +30,30 @@ def _library_supports(lib, num_heads: int, num_kv_heads: int, head_dim: int) -> 
     return bool(lib.lowrank_cpu_paged_decode_supports(num_heads, num_kv_heads, head_dim))
 
 
+CACHE_BITS = {torch.float32: 32, torch.float16: 16, torch.int8: 8}  # the kernels' cache_bits per cache dtype
+
+
+def cache_bits(k_cache: torch.Tensor, v_cache: torch.Tensor,
+               scales: tuple[torch.Tensor, torch.Tensor] | None) -> int | None:
+    """The kernels' cache_bits for these contiguous pools (an int8 cache with its float32 scale pools
+    [blocks, block_size, Hkv], a float one without), or None where they read no such cache."""
+    bits = CACHE_BITS.get(k_cache.dtype) if k_cache.dtype == v_cache.dtype else None
+    if bits is None or (bits == 8) != (scales is not None):
+        return None
+    if scales is not None and not all(s.dtype == torch.float32 and s.shape == k_cache.shape[:3]
+                                      and s.is_contiguous() for s in scales):
+        return None
+    return bits if k_cache.is_contiguous() and v_cache.is_contiguous() else None
+
+
 def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
     """Whether the native kernel takes a decode step with queries q [B, Hq, D] over this cache
-    (float32, or int8 with `scales`, its scale pools [blocks, block_size, Hkv])."""
+    (float32 or float16, or int8 with `scales`, its scale pools [blocks, block_size, Hkv])."""
     hq, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[2]
-    cache_dtype = torch.float32 if scales is None else torch.int8
-    scales_fit = scales is None or all(s.dtype == torch.float32 and s.shape == k_cache.shape[:3] and s.is_contiguous()
-                                       for s in scales)
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == v_cache.dtype == cache_dtype
-            and scales_fit and k_cache.shape == v_cache.shape and k_cache.shape[3] == d and k_cache.is_contiguous()
-            and v_cache.is_contiguous()
-            and heads_supported(hq, hkv, d) and cpu_native.library() is not None)
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and cache_bits(k_cache, v_cache, scales) is not None
+            and k_cache.shape == v_cache.shape and k_cache.shape[3] == d and heads_supported(hq, hkv, d) and cpu_native.library() is not None)
 
 
 def native_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -52,7 +63,7 @@ def native_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     k_cache/v_cache [blocks, block_size, Hkv, D]; block_tables int [B, max_blocks];
     context_lens int [B], tokens per sequence including the new one; `scales`: an int8 cache's
-    K and V scale pools [blocks, block_size, Hkv], None for a float32 one.
+    K and V scale pools [blocks, block_size, Hkv], None for a float32 or float16 one.
     """
     if not native_decode_applies(q, k_cache, v_cache, scales):
         raise ValueError(f"the native decode kernel does not take queries {tuple(q.shape)} {q.dtype} over a "
@@ -65,7 +76,8 @@ def native_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty_like(q)
     k_scales, v_scales = (s.data_ptr() for s in scales) if scales is not None else (None, None)
     status = cpu_native.library().lowrank_cpu_paged_decode(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scales, v_scales, tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cache_bits(k_cache, v_cache, scales), k_scales, v_scales,
+        tables.data_ptr(), tables.shape[1], lens.data_ptr(),
         batch, hq, k_cache.shape[2], d, k_cache.shape[1], k_cache.shape[0], sliding_window or 0, 1.0 / math.sqrt(d),
         out.data_ptr(), torch.get_num_threads())
     if status == -2:  # the kernel checks the tables before reading through them

@@ -11,9 +11,10 @@
  * of gemm.c, attention.c and elementwise.c, separated by their barriers.
  *
  * Layouts: x [T, hidden] (updated in place); cos/sin [T, head_dim]; slots int64 [T] (cache slot
- * of each new token: block * block_size + offset); caches [num_blocks, block_size, Hkv, D], float32,
- * or int8 with their scale pools [num_blocks, block_size, Hkv] (kernels/kv_quant.py: the new vectors
- * are rounded here by quantize_int8, exactly as quantize_vectors rounds them); block_tables int32
+ * of each new token: block * block_size + offset); caches [num_blocks, block_size, Hkv, D] of
+ * cache_bits 32 (float32), 16 (float16, rounded to nearest even as torch rounds) or 8 (int8 with
+ * their scale pools [num_blocks, block_size, Hkv], kernels/kv_quant.py: the new vectors are rounded
+ * here by quantize_int8, exactly as quantize_vectors rounds them); block_tables int32
  * [T, table_stride]; context_lens int32 [T] (the new token included).
  */
 #include <math.h>
@@ -60,16 +61,22 @@ static void silu_mul_shared(float *g, const float *u, int64_t T, int64_t I)
     }
 }
 
-/* The new tokens' K and V rows [T, Hkv, D] into their cache slots. */
+/* The new tokens' K and V rows [T, Hkv, D] into their cache slots, in the cache's format. */
 static void write_cache_shared(const float *k, const float *v, const int64_t *slots, int64_t T, int64_t Hkv,
-                               int64_t D, void *k_cache, void *v_cache, float *k_scales, float *v_scales)
+                               int64_t D, void *k_cache, void *v_cache, int64_t bits, float *k_scales,
+                               float *v_scales)
 {
     const int64_t kv = Hkv * D;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        if (!k_scales) {
+        if (bits == 32) {
             memcpy((float *)k_cache + slots[t] * kv, k + t * kv, sizeof(float) * kv);
             memcpy((float *)v_cache + slots[t] * kv, v + t * kv, sizeof(float) * kv);
+            continue;
+        }
+        if (bits == 16) {
+            lowrank_cpu_float_to_half(k + t * kv, kv, (uint16_t *)k_cache + slots[t] * kv);
+            lowrank_cpu_float_to_half(v + t * kv, kv, (uint16_t *)v_cache + slots[t] * kv);
             continue;
         }
         for (int64_t h = 0; h < Hkv; h++) {
@@ -88,17 +95,19 @@ static int64_t max_rank(const cpu_decoder_layer *L)
     return most;
 }
 
-/* Returns 0; -1 when the attention kernel does not take these head sizes, -2 when a slot, a length
- * or a block id lies outside the cache or the tables (checked before anything is written), -3
- * when the scratch memory cannot be had. */
+/* Returns 0; -1 when the attention kernel does not take these head sizes or the cache format, -2
+ * when a slot, a length or a block id lies outside the cache or the tables (checked before anything
+ * is written), -3 when the scratch memory cannot be had. */
 int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, const float *cos_table,
                               const float *sin_table, const int64_t *slots, void *k_cache, void *v_cache,
-                              float *k_scales, float *v_scales, int64_t num_blocks, int64_t block_size,
+                              int64_t cache_bits, float *k_scales, float *v_scales, int64_t num_blocks,
+                              int64_t block_size,
                               const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,
                               int threads)
 {
     const int64_t C = L->hidden, I = L->intermediate, Hq = L->num_heads, Hkv = L->num_kv_heads, D = L->head_dim;
-    if (!lowrank_cpu_paged_decode_supports(Hq, Hkv, D) || D % 2) return -1;
+    if (!lowrank_cpu_paged_decode_supports(Hq, Hkv, D) || D % 2 || !cache_format_valid(cache_bits, k_scales, v_scales))
+        return -1;
     if (check_tables(block_tables, table_stride, context_lens, T, block_size, num_blocks)) return -2;
     for (int64_t t = 0; t < T; t++)
         if (slots[t] < 0 || slots[t] >= num_blocks * block_size) return -2;
@@ -119,9 +128,9 @@ int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, c
         linear_shared(&L->v, h, T, C, kv, low, v);
         rope_shared(q, cos_table, sin_table, T, Hq, D, q);
         rope_shared(k, cos_table, sin_table, T, Hkv, D, k);
-        write_cache_shared(k, v, slots, T, Hkv, D, k_cache, v_cache, k_scales, v_scales);
-        paged_decode_shared(q, k_cache, v_cache, k_scales, v_scales, block_tables, table_stride, context_lens, T, Hq,
-                            Hkv, D, block_size, L->window, 1.0f / sqrtf((float)D), att);
+        write_cache_shared(k, v, slots, T, Hkv, D, k_cache, v_cache, cache_bits, k_scales, v_scales);
+        paged_decode_shared(q, k_cache, v_cache, cache_bits, k_scales, v_scales, block_tables, table_stride,
+                            context_lens, T, Hq, Hkv, D, block_size, L->window, 1.0f / sqrtf((float)D), att);
         linear_shared(&L->o, att, T, Hq * D, C, low, proj);
         add_shared(x, proj, T, C);
         rmsnorm_shared(x, L->post_norm, T, C, L->eps, h);

@@ -21,7 +21,7 @@ import functools
 import torch
 
 from . import build as cpu_native
-from .attention import heads_supported
+from .attention import cache_bits, heads_supported
 from .gemm import PackedWeight, WeightDescription
 
 _ptr = ctypes.c_void_p
@@ -102,14 +102,12 @@ def decode_layer(description: LayerDescription, x: torch.Tensor, cos: torch.Tens
                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, hidden] (one new token per sequence) -> the layer's output, written over x; the new
-    tokens' K/V go to `slots` of the caches [blocks, block_size, Hkv, D] (float32, or int8 with
-    `scales`, their scale pools [blocks, block_size, Hkv]: kernels/kv_quant.py)."""
-    if (k_cache.dtype != (torch.float32 if scales is None else torch.int8) or v_cache.dtype != k_cache.dtype
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-            or (scales is not None and any(s.dtype != torch.float32 or s.shape != k_cache.shape[:3]
-                                           or not s.is_contiguous() for s in scales))):
-        raise ValueError(f"the native decoder layer takes contiguous float32 caches or int8 ones with float32 scale "
-                         f"pools {tuple(k_cache.shape[:3])}; got {k_cache.dtype} / {v_cache.dtype}"
+    tokens' K/V go to `slots` of the caches [blocks, block_size, Hkv, D] (float32 or float16, or int8
+    with `scales`, their scale pools [blocks, block_size, Hkv]: kernels/kv_quant.py)."""
+    bits = cache_bits(k_cache, v_cache, scales)
+    if bits is None:
+        raise ValueError(f"the native decoder layer takes contiguous float32 or float16 caches, or int8 ones with "
+                         f"float32 scale pools {tuple(k_cache.shape[:3])}; got {k_cache.dtype} / {v_cache.dtype}"
                          f"{'' if scales is None else ' with scales ' + str([tuple(s.shape) for s in scales])}")
     tables = block_tables.to(torch.int32).contiguous()
     lens = context_lens.to(torch.int32).contiguous()
@@ -118,7 +116,8 @@ def decode_layer(description: LayerDescription, x: torch.Tensor, cos: torch.Tens
     k_scales, v_scales = (s.data_ptr() for s in scales) if scales is not None else (None, None)
     status = cpu_native.library().lowrank_cpu_decoder_layer(
         ctypes.byref(description), x.data_ptr(), x.shape[0], cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), k_scales, v_scales, k_cache.shape[0], k_cache.shape[1], tables.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), bits, k_scales, v_scales, k_cache.shape[0], k_cache.shape[1],
+        tables.data_ptr(),
         tables.shape[1], lens.data_ptr(), torch.get_num_threads())
     if status == -2:
         raise ValueError(f"cache slots {slots.tolist()}, context lengths {lens.tolist()} or their blocks lie "

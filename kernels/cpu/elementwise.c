@@ -1,5 +1,6 @@
-/* The per-layer elementwise work of a CPU decode step, one call each: RMSNorm and RoPE; and the
- * int8 rounding of a vector that the KV cache and the VNNI GEMMs share.
+/* The per-layer elementwise work of a CPU decode step, one call each: RMSNorm and RoPE; the
+ * int8 rounding of a vector that the KV cache and the VNNI GEMMs share; and the float16 <-> float32
+ * conversions of a float16 KV cache.
  *
  * Why: in torch each is 5-6 small ops (~20 µs at 16 tokens), 120 of them per SmolLM2 step, ~2 ms
  * of a ~40 ms step that the compressed and the dense model share. Here each is a single pass.
@@ -9,8 +10,12 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "lowrank_cpu.h"
+#if LANES == 16 || (LANES == 8 && defined(__F16C__))
+#include <immintrin.h>
+#endif
 
 #define PARALLEL_MIN (1 << 16)
 
@@ -88,4 +93,90 @@ float quantize_int8(const float *x, int64_t n, int8_t *q)
         q[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
     }
     return d;
+}
+
+/* IEEE binary16 (as its bits) <-> binary32, n values: exact one way and rounded to nearest even the
+ * other, as torch's .float() and .to(torch.float16) are (subnormals, infinities and NaN included),
+ * so the native writer of a float16 KV cache stores what the torch one stores. One instruction per LANES values where the ISA converts
+ * (AVX-512F; F16C beside AVX2); aarch64 through its __fp16 type (fcvtl / fcvtn once vectorised);
+ * elsewhere (SSE2) by the bit manipulation below, after F. Giesen's half_to_float and
+ * float_to_half_fast3_rtne. */
+#if !defined(__aarch64__)
+static inline float bits_float(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float half_bits_to_float(uint16_t h)
+{
+    const uint32_t exponent_mask = 0x7c00u << 13;
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13; /* exponent and mantissa into place */
+    const uint32_t exponent = o & exponent_mask;
+    o += (uint32_t)(127 - 15) << 23; /* rebias */
+    if (exponent == exponent_mask)
+        o += (uint32_t)(128 - 16) << 23; /* infinity or NaN: the largest exponent */
+    else if (exponent == 0)                /* zero or subnormal: renormalised by a float subtraction */
+        o = float_bits(bits_float(o + (1u << 23)) - bits_float(113u << 23));
+    return bits_float(o | (uint32_t)(h & 0x8000u) << 16);
+}
+
+static inline uint16_t float_to_half_bits(float x)
+{
+    uint32_t f = float_bits(x);
+    const uint32_t sign = f & 0x80000000u;
+    f ^= sign;
+    uint16_t o;
+    if (f >= (uint32_t)(127 + 16) << 23) /* past the largest half: infinity, or a quiet NaN */
+        o = f > 255u << 23 ? 0x7e00 : 0x7c00;
+    else if (f < 113u << 23) { /* a half subnormal or zero: the float addition rounds to nearest even */
+        const float magic = bits_float((uint32_t)((127 - 15) + (23 - 10) + 1) << 23);
+        o = (uint16_t)(float_bits(bits_float(f) + magic) - float_bits(magic));
+    } else {
+        const uint32_t odd = (f >> 13) & 1; /* the kept mantissa's last bit: ties go to even */
+        f += ((uint32_t)(15 - 127) << 23) + 0xfff + odd;
+        o = (uint16_t)(f >> 13);
+    }
+    return o | (uint16_t)(sign >> 16);
+}
+#endif
+
+void lowrank_cpu_half_to_float(const uint16_t *h, int64_t n, float *f)
+{
+    int64_t i = 0;
+#if LANES == 16
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#elif LANES == 8 && defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+#if defined(__aarch64__)
+    for (; i < n; i++) f[i] = (float)((const __fp16 *)h)[i];
+#else
+    for (; i < n; i++) f[i] = half_bits_to_float(h[i]);
+#endif
+}
+
+void lowrank_cpu_float_to_half(const float *f, int64_t n, uint16_t *h)
+{
+    int64_t i = 0;
+#if LANES == 16
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(h + i), _mm512_cvtps_ph(_mm512_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif LANES == 8 && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+#if defined(__aarch64__)
+    for (; i < n; i++) ((__fp16 *)h)[i] = (__fp16)f[i];
+#else
+    for (; i < n; i++) h[i] = float_to_half_bits(f[i]);
+#endif
 }

@@ -1,5 +1,7 @@
 """RMSNorm and RoPE on CPU through the native kernels (kernels/cpu/elementwise.c): one call each
-instead of torch's 5-6 small ops per norm or rotation, 120 of them per SmolLM2 decode step."""
+instead of torch's 5-6 small ops per norm or rotation, 120 of them per SmolLM2 decode step. And the
+float16 conversions the native float16 KV cache's writer and readers use, for tests to hold them to
+torch's."""
 
 from __future__ import annotations
 
@@ -44,3 +46,21 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cpu_native.library().lowrank_cpu_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim,
                                               y.data_ptr(), torch.get_num_threads())
     return y
+
+
+def float16_from_native(x: torch.Tensor) -> torch.Tensor:
+    """float32 x -> float16 through the native conversion (the cache writer's), as x.to(torch.float16)."""
+    x = _checked(x, "x")
+    out = torch.empty(x.shape, dtype=torch.float16)
+    cpu_native.library().lowrank_cpu_float_to_half(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
+
+
+def float32_from_native(h: torch.Tensor) -> torch.Tensor:
+    """float16 h -> float32 through the native conversion (the cache readers'), as h.float()."""
+    if h.dtype != torch.float16 or h.device.type != "cpu":
+        raise ValueError(f"the native conversion takes float16 CPU tensors, got {h.dtype} on {h.device}")
+    h = h.contiguous()
+    out = torch.empty(h.shape, dtype=torch.float32)
+    cpu_native.library().lowrank_cpu_half_to_float(h.data_ptr(), h.numel(), out.data_ptr())
+    return out

@@ -52,8 +52,10 @@ void lowrank_cpu_lowrank(const float *x, int64_t M, int64_t K, const cpu_weight 
 void lowrank_cpu_rmsnorm(const float *x, const float *w, int64_t T, int64_t C, float eps, float *y, int threads);
 void lowrank_cpu_rope(const float *x, const float *cos_table, const float *sin_table, int64_t T, int64_t H, int64_t D, float *y, int threads);
 int lowrank_cpu_paged_decode_supports(int64_t Hq, int64_t Hkv, int64_t D);
-int lowrank_cpu_paged_decode(const float *q, const void *k_cache, const void *v_cache, const float *k_scales, const float *v_scales, const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out, int threads);
-int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, const float *cos_table, const float *sin_table, const int64_t *slots, void *k_cache, void *v_cache, float *k_scales, float *v_scales, int64_t num_blocks, int64_t block_size, const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int threads);
+int lowrank_cpu_paged_decode(const float *q, const void *k_cache, const void *v_cache, int64_t cache_bits, const float *k_scales, const float *v_scales, const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, int64_t num_blocks, int64_t window, float scale, float *out, int threads);
+void lowrank_cpu_half_to_float(const uint16_t *h, int64_t n, float *f);
+void lowrank_cpu_float_to_half(const float *f, int64_t n, uint16_t *h);
+int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, const float *cos_table, const float *sin_table, const int64_t *slots, void *k_cache, void *v_cache, int64_t cache_bits, float *k_scales, float *v_scales, int64_t num_blocks, int64_t block_size, const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int threads);
 /* end exported */
 
 /* internal */
@@ -122,12 +124,16 @@ HIDDEN void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const
 HIDDEN void lowrank_shared(const float *x, int64_t M, int64_t K, const cpu_weight *b, int64_t R,
                            const cpu_weight *a, int64_t N, const float *bias, float *scratch, float *y);
 
-/* The paged decode attention over (sequence, KV head) pairs; the tables already checked. Float32
- * caches (NULL scales) or int8 ones with their scale pools (kernels/kv_quant.py). */
-HIDDEN void paged_decode_shared(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
+/* The paged decode attention over (sequence, KV head) pairs; the tables already checked. Caches of
+ * cache_bits 32 (float32), 16 (float16) or 8 (int8, with their scale pools: kernels/kv_quant.py). */
+HIDDEN void paged_decode_shared(const float *q, const void *k_cache, const void *v_cache, int64_t cache_bits,
+                                const float *k_scales,
                                 const float *v_scales, const int32_t *block_tables, int64_t table_stride,
                                 const int32_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
                                 int64_t block_size, int64_t window, float scale, float *out);
+
+/* Whether cache_bits names a cache format (32, 16, or 8 with both scale pools, and only then). */
+HIDDEN int cache_format_valid(int64_t bits, const float *k_scales, const float *v_scales);
 
 /* 0 when every block a sequence reads lies in the cache and every length within its table, else -2. */
 HIDDEN int check_tables(const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens, int64_t B,
