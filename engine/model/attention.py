@@ -71,8 +71,9 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     flash-attn's paged decode when installed, on CUDA, with pages it accepts and a cache in q's dtype;
     otherwise `kernels.paged_attention` (the Triton decode kernel or the torch reference), which
-    also read a float16 cache and an int8 one (`scales`: its K and V scale pools, kernels.kv_quant). The CPU serving
-    form's attention (`engine.model.cpu_serving`) takes decode steps to the native kernel first.
+    also read a float16 cache and an int8 one (`scales`: its K and V scale pools, kernels.kv_quant).
+    The CPU serving form's attention (`engine.model.cpu_serving`) takes decode steps to the native
+    kernel first.
     """
     flash = _flash("flash_attn_with_kvcache", q) if scales is None and k_cache.dtype == q.dtype else None
     decoding = ctx.max_seqlen == 1

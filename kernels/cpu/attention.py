@@ -53,7 +53,8 @@ def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     hq, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[2]
     return (q.device.type == "cpu" and q.dtype == torch.float32 and cache_bits(k_cache, v_cache, scales) is not None
-            and k_cache.shape == v_cache.shape and k_cache.shape[3] == d and heads_supported(hq, hkv, d) and cpu_native.library() is not None)
+            and k_cache.shape == v_cache.shape and k_cache.shape[3] == d and heads_supported(hq, hkv, d)
+            and cpu_native.library() is not None)
 
 
 def native_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -15,6 +15,7 @@
 #include "lowrank_cpu.h"
 #if LANES == 16 || (LANES == 8 && defined(__F16C__))
 #include <immintrin.h>
+#define NEAREST_EVEN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #endif
 
 #define PARALLEL_MIN (1 << 16)
@@ -97,8 +98,8 @@ float quantize_int8(const float *x, int64_t n, int8_t *q)
 
 /* IEEE binary16 (as its bits) <-> binary32, n values: exact one way and rounded to nearest even the
  * other, as torch's .float() and .to(torch.float16) are (subnormals, infinities and NaN included),
- * so the native writer of a float16 KV cache stores what the torch one stores. One instruction per LANES values where the ISA converts
- * (AVX-512F; F16C beside AVX2); aarch64 through its __fp16 type (fcvtl / fcvtn once vectorised);
+ * so the native writer of a float16 KV cache stores what the torch one stores. One instruction per
+ * LANES values where the ISA converts (AVX-512F; F16C beside AVX2); aarch64 through its __fp16 type (fcvtl / fcvtn once vectorised);
  * elsewhere (SSE2) by the bit manipulation below, after F. Giesen's half_to_float and
  * float_to_half_fast3_rtne. */
 #if !defined(__aarch64__)
@@ -169,10 +170,10 @@ void lowrank_cpu_float_to_half(const float *f, int64_t n, uint16_t *h)
     int64_t i = 0;
 #if LANES == 16
     for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)(h + i), _mm512_cvtps_ph(_mm512_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm256_storeu_si256((__m256i *)(h + i), _mm512_cvtps_ph(_mm512_loadu_ps(f + i), NEAREST_EVEN));
 #elif LANES == 8 && defined(__F16C__)
     for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), NEAREST_EVEN));
 #endif
 #if defined(__aarch64__)
     for (; i < n; i++) ((__fp16 *)h)[i] = (__fp16)f[i];

@@ -12,8 +12,8 @@
  * one contiguous stream. A tile is R rows x 1 panel held in vector accumulators (one lane per
  * output column): per k, one load of the panel's 16 weights and one FMA per row and register with
  * x[m][k] broadcast. R is what the host's vector registers hold (ONE_PANEL_ROWS below): 16 with
- * AVX-512, where tiles above 16 rows are 8 rows x 2 panels; 6 with AVX2, a panel row taking two
- * of its 16 registers. The row tiles of a panel run back to back, so it comes from DRAM once and
+ * AVX-512, where float tiles are 8 rows x 2 panels instead (and quantised ones from 9 rows); 6
+ * with AVX2, a panel row taking two of its 16 registers. The row tiles of a panel run back to back, so it comes from DRAM once and
  * from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
  * runtime torch uses). The native decoder layer (decoder_layer.c) calls `gemm_shared` directly.
  *
@@ -46,7 +46,7 @@
 #endif
 
 #define MAX_ROWS 16
-#define MAX_TILES 2 /* adjacent panels per tile at prefill sizes */
+#define MAX_TILES 2 /* adjacent panels per tile (AVX-512) */
 #define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
 #define PREFETCH 64 /* cache lines of weights fetched ahead of the FMAs */
 #define LINE 64
@@ -56,7 +56,14 @@
  * 16 x 1536 x 576: the AVX-512 tile (16 rows, as 32 accumulators of 8 floats) ran at 10 GFLOP/s,
  * 6 rows at ~120. No two-panel tiles below AVX-512 (TWO_PANEL_ROWS 0): 2 rows x 2 panels would be
  * bound by its loads. Quantised weights hold their group's scales in registers too, so below
- * AVX-512 their tiles are shorter (QUANT_ROWS). */
+ * AVX-512 their tiles are shorter (QUANT_ROWS).
+ *
+ * With AVX-512, float weights take two-panel tiles at every row count: a thread then streams two
+ * panels at once, and on the Xeon (cold SmolLM2 weights, alternating builds) that drew 14 % more
+ * bandwidth at 1 row than one panel, 20-25 % more at 2-8 rows, and 5-8 % at 16, the 16 x 1 tile's
+ * 17 loads per 16 FMAs becoming 10. Quantised ones from QUANT_TWO_PANEL_MIN rows: below it the
+ * one-panel tiles, which fold their scales with more chains, were faster (int8: 5.2 against 6.2 ms
+ * for 30 layers' projections at 2 rows, 7.5 against 8.4 at 8; at 16 rows 14.7 against 13.3). */
 #if LANES == 16
 #define ONE_PANEL_ROWS 16
 #define TWO_PANEL_ROWS 8
@@ -71,6 +78,7 @@
 #ifndef TWO_PANEL_ROWS
 #define TWO_PANEL_ROWS 0
 #endif
+#define QUANT_TWO_PANEL_MIN 9
 #define VECTORS (PANEL / LANES) /* registers per panel row */
 
 typedef int32_t ivec_unaligned __attribute__((vector_size(LANES * sizeof(int32_t)), aligned(sizeof(int32_t))));
@@ -162,9 +170,8 @@ static inline __attribute__((always_inline)) void fma_level(const int ROWS, cons
 
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
  * rows. ROWS, TILES and BITS are compile-time constants at every call site, so the accumulators
- * live in registers (they are never address-taken): at decode sizes one panel (the weight
- * streamed once), with AVX-512 8 rows x 2 panels at prefill sizes (each broadcast of x feeds two
- * FMAs: 10 loads per 16 FMAs instead of 17). Quantised levels are widened to float in registers
+ * live in registers (they are never address-taken): one panel, or with AVX-512 8 rows x 2 panels
+ * (each broadcast of x feeds two FMAs: 10 loads per 16 FMAs instead of 17, and two weight streams). Quantised levels are widened to float in registers
  * before the same FMAs and scaled per input (w = q·d), or, in tiles of few rows, once per group of
  * summed products; the float weight never exists in memory. */
 static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const int BITS,
@@ -250,15 +257,14 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
  * with its row count as a constant. The first row tile streams the panel from DRAM, fetching it
  * PREFETCH lines ahead; the later ones read it from L2 and meanwhile fetch the next tile's panels,
  * so DRAM stays busy through them (16 rows on the Zen 3, cold SmolLM2 weights: 30 layers' dense
- * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). Two-panel
- * tiles are float only. */
+ * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). */
 static inline __attribute__((always_inline)) void tile_all_rows(const int BITS, const int tiles, const float *x,
                                                                 int64_t ldx, int64_t M, int64_t K,
                                                                 const cpu_weight *w, const char *panel,
                                                                 int64_t panel_bytes, const float *scales,
                                                                 float *y, int64_t ldy, int cols, const float *bias)
 {
-    const int two = BITS == 32 && TWO_PANEL_ROWS && tiles == 2;
+    const int two = TWO_PANEL_ROWS && tiles == 2;
     const int64_t block = two ? TWO_PANEL_ROWS : BITS == 32 ? ONE_PANEL_ROWS : QUANT_ROWS;
     const char *own = panel + LINE * PREFETCH, *next = panel + tiles * panel_bytes;
     int64_t m = 0;
@@ -487,7 +493,7 @@ static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, con
         return;
 #endif
     const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const int64_t step = BITS == 32 && TWO_PANEL_ROWS && M > ONE_PANEL_ROWS ? 2 : 1;
+    const int64_t step = TWO_PANEL_ROWS && (BITS == 32 || M >= QUANT_TWO_PANEL_MIN) ? 2 : 1;
     const int64_t tiles = (panels + step - 1) / step;
     const int64_t panel_bytes = ROW_BYTES * ((K + PER_WORD(BITS) - 1) / PER_WORD(BITS));
     const int64_t groups = BITS == 32 ? 0 : (K + w->group - 1) / w->group;
