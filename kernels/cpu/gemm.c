@@ -189,7 +189,7 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
             vec wk[MAX_TILES * VECTORS];
             for (int t = 0; t < TILES; t++) {
                 const float *row = (const float *)(panel + t * panel_bytes) + PANEL * k;
-                __builtin_prefetch(ahead + t * panel_bytes + LINE * k, 0, PREFETCH_LOCALITY);
+                if (ahead) __builtin_prefetch(ahead + t * panel_bytes + LINE * k, 0, PREFETCH_LOCALITY);
                 for (int v = 0; v < VECTORS; v++) wk[t * VECTORS + v] = *(const vec_unaligned *)(row + LANES * v);
             }
             for (int m = 0; m < ROWS; m++) {
@@ -223,7 +223,8 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
             for (; k + PER_WORD(BITS) <= k_end; k += PER_WORD(BITS)) {
                 const int64_t r = k / PER_WORD(BITS);
                 load_words(TILES, panel, panel_bytes, r, words);
-                for (int t = 0; t < TILES; t++) __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES * r, 0, PREFETCH_LOCALITY);
+                for (int t = 0; t < TILES && ahead; t++)
+                    __builtin_prefetch(ahead + t * panel_bytes + ROW_BYTES * r, 0, PREFETCH_LOCALITY);
                 for (int j = 0; j < PER_WORD(BITS); j++)
                     fma_level(ROWS, TILES * VECTORS, BITS, FOLD, words, j, d, x + k + j, ldx, acc, part[j % CHAINS]);
             }
@@ -257,7 +258,10 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
  * with its row count as a constant. The first row tile streams the panel from DRAM, fetching it
  * PREFETCH lines ahead; the later ones read it from L2 and meanwhile fetch the next tile's panels,
  * so DRAM stays busy through them (16 rows on the Zen 3, cold SmolLM2 weights: 30 layers' dense
- * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). */
+ * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). Not the
+ * float two-panel tiles (AVX-512): there every later row tile fetching the next pair again cost
+ * more than it hid (on the Xeon, 30 layers' fp32 projections at 64 rows 56.4-57.0 -> 53.3-54.1 ms
+ * without; a batch-64 decode step 94-96 -> 90 ms). */
 static inline __attribute__((always_inline)) void tile_all_rows(const int BITS, const int tiles, const float *x,
                                                                 int64_t ldx, int64_t M, int64_t K,
                                                                 const cpu_weight *w, const char *panel,
@@ -266,7 +270,7 @@ static inline __attribute__((always_inline)) void tile_all_rows(const int BITS, 
 {
     const int two = TWO_PANEL_ROWS && tiles == 2;
     const int64_t block = two ? TWO_PANEL_ROWS : BITS == 32 ? ONE_PANEL_ROWS : QUANT_ROWS;
-    const char *own = panel + LINE * PREFETCH, *next = panel + tiles * panel_bytes;
+    const char *own = panel + LINE * PREFETCH, *next = BITS == 32 && two ? 0 : panel + tiles * panel_bytes;
     int64_t m = 0;
     for (; m + block <= M; m += block) {
         const char *ahead = m ? next : own;
