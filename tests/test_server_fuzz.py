@@ -93,8 +93,11 @@ def bodies(draw, fields: dict):
             body[name] = draw(WILD)
     if "messages" in fields and draw(st.integers(0, 3)) == 0 and isinstance(body.get("messages"), list) \
             and body["messages"]:
-        body["messages"][0] = draw(st.fixed_dictionaries({}, optional={"role": WILD | st.just("tool"),
-                                                                       "content": WILD, "name": WILD}))
+        # a new list: `messages` may be one of EDGES' own lists, which an assignment in place would
+        # change for every later example (and could make cyclic: a body json.dumps refuses)
+        body["messages"] = [draw(st.fixed_dictionaries({}, optional={"role": WILD | st.just("tool"),
+                                                                      "content": WILD, "name": WILD})),
+                            *body["messages"][1:]]
     return body
 
 
