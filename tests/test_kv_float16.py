@@ -7,22 +7,15 @@ Stale slots (unused blocks, past each context) hold NaN, so a reader that touche
 """
 
 import os
-import shutil
 
 import pytest
 import torch
 
-from conftest import dense_attention_ref, save_tiny_model, save_tiny_tokenizer, shuffled_paged_pools
-from engine import LLM, SamplingParams
+from conftest import dense_attention_ref, save_tiny_model, shuffled_paged_pools
 from engine.core.kv_cache import bytes_per_block
-from engine.eval.reference_decoding import stream_tokens
 from engine.model.loader import load_model
-from kernels.cpu import build as cpu_native
 from kernels.paged_attention import paged_attention_ref, paged_decode_triton
-
-no_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
-native_off = pytest.mark.skipif(os.environ.get(cpu_native.DISABLE_ENV) == "0",
-                                reason=f"{cpu_native.DISABLE_ENV}=0 turns the native kernels off")
+from test_kv_int8 import check_engine_equals_the_reference_decoding, native_decode_cases, native_off, no_compiler  # noqa: E501
 
 
 def check_native_conversions():
@@ -99,11 +92,7 @@ def test_triton_decode_reads_the_float16_cache(dtype):
     torch.testing.assert_close(got.double().cpu(), want, **TRITON_TOL[dtype])
 
 
-@pytest.mark.parametrize("lengths,block_size", [([1], 16), ([31, 32, 33, 64, 65], 16), ([1, 17, 100, 3], 5)])
-@pytest.mark.parametrize("group,head_dim", [(1, 16), (3, 64), (8, 128)])
-@pytest.mark.parametrize("window", [None, 40])
-@no_compiler
-@native_off
+@native_decode_cases
 def test_native_decode_reads_the_float16_cache(lengths, block_size, group, head_dim, window):
     check_native_float16_decode(lengths, group, head_dim, block_size, window)
 
@@ -130,19 +119,7 @@ def test_native_decoder_layer_writes_what_the_torch_writer_writes(rank_fraction,
 
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
 def test_engine_with_a_float16_cache_equals_the_reference_decoding(name, tmp_path, cpu_kernels):
-    from test_cpu_decoder import CONFIGS, VOCAB
-
-    save_tiny_model(CONFIGS[name], tmp_path)
-    save_tiny_tokenizer(tmp_path, VOCAB)
-    reference = load_model(tmp_path, dtype=torch.float32, device="cpu")
-    reference.use_kv_cache_dtype("float16")  # a cache-free forward attending to the rounded K/V
-    llm = LLM(tmp_path, dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=128,
-              kv_cache_dtype="float16", max_num_batched_tokens=32)  # 32: prompts prefill in chunks over the cache
-    assert llm.runner.kv_cache[0][0].dtype == torch.float16
-    prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in (3, 17, 40)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
-        assert out.token_ids == list(stream_tokens(reference, prompt, 12))
+    check_engine_equals_the_reference_decoding(name, "float16", torch.float16, tmp_path)
 
 
 def test_float16_cache_bytes_and_bad_settings(tmp_path):

@@ -117,11 +117,18 @@ def test_triton_decode_reads_the_int8_cache(window, dtype):
     torch.testing.assert_close(got.double().cpu(), want, **TRITON_TOL[dtype])
 
 
-@pytest.mark.parametrize("lengths,block_size", [([1], 16), ([31, 32, 33, 64, 65], 16), ([1, 17, 100, 3], 5)])
-@pytest.mark.parametrize("group,head_dim", [(1, 16), (3, 64), (8, 128)])
-@pytest.mark.parametrize("window", [None, 40])
-@no_compiler
-@native_off
+def native_decode_cases(test):
+    """The lengths, block sizes, head shapes and windows every native cache reader is held to (and
+    the markers that skip it where the kernels are not built)."""
+    for mark in (pytest.mark.parametrize("lengths,block_size", [([1], 16), ([31, 32, 33, 64, 65], 16),
+                                                                ([1, 17, 100, 3], 5)]),
+                 pytest.mark.parametrize("group,head_dim", [(1, 16), (3, 64), (8, 128)]),
+                 pytest.mark.parametrize("window", [None, 40]), no_compiler, native_off):
+        test = mark(test)
+    return test
+
+
+@native_decode_cases
 def test_native_decode_reads_the_int8_cache(lengths, block_size, group, head_dim, window):
     check_native_int8_decode(lengths, group, head_dim, block_size, window)
 
@@ -150,21 +157,27 @@ def test_native_decoder_layer_writes_what_the_torch_writer_writes(rank_fraction,
             torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
-def test_engine_with_an_int8_cache_equals_the_reference_decoding(name, tmp_path, cpu_kernels):
+def check_engine_equals_the_reference_decoding(name, kv_cache_dtype, dtype, tmp_path):
+    """The engine over a `kv_cache_dtype` cache decodes what a cache-free forward attending to the
+    same rounded K/V decodes, its prompts prefilled in chunks over the cache."""
     from test_cpu_decoder import CONFIGS, VOCAB
 
     save_tiny_model(CONFIGS[name], tmp_path)
     save_tiny_tokenizer(tmp_path, VOCAB)
     reference = load_model(tmp_path, dtype=torch.float32, device="cpu")
-    reference.use_kv_cache_dtype("int8")  # a cache-free forward attending to the rounded K/V
+    reference.use_kv_cache_dtype(kv_cache_dtype)
     llm = LLM(tmp_path, dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=128,
-              kv_cache_dtype="int8", max_num_batched_tokens=32)  # 32: prompts prefill in chunks over the cache
-    assert llm.runner.kv_cache[0][0].dtype == torch.int8
+              kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=32)  # 32: prompts prefill in chunks
+    assert llm.runner.kv_cache[0][0].dtype == dtype
     prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in (3, 17, 40)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == list(stream_tokens(reference, prompt, 12))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
+def test_engine_with_an_int8_cache_equals_the_reference_decoding(name, tmp_path, cpu_kernels):
+    check_engine_equals_the_reference_decoding(name, "int8", torch.int8, tmp_path)
 
 
 def test_int8_cache_bytes_and_bad_settings(tmp_path):
