@@ -15,7 +15,8 @@ from conftest import dense_attention_ref, save_tiny_model, shuffled_paged_pools
 from engine.core.kv_cache import bytes_per_block
 from engine.model.loader import load_model
 from kernels.paged_attention import paged_attention_ref, paged_decode_triton
-from test_kv_int8 import check_engine_equals_the_reference_decoding, native_decode_cases, native_off, no_compiler  # noqa: E501
+from test_kv_int8 import (check_engine_equals_the_reference_decoding, native_decode_cases, native_off,
+                          no_compiler)
 
 
 def check_native_conversions():
