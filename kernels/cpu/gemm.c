@@ -13,8 +13,8 @@
  * output column): per k, one load of the panel's 16 weights and one FMA per row and register with
  * x[m][k] broadcast. R is what the host's vector registers hold (ONE_PANEL_ROWS below): 16 with
  * AVX-512, where float tiles are 8 rows x 2 panels instead (and quantised ones from 9 rows); 6
- * with AVX2, a panel row taking two of its 16 registers. The row tiles of a panel run back to back, so it comes from DRAM once and
- * from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
+ * with AVX2, a panel row taking two of its 16 registers. The row tiles of a panel run back to
+ * back, so it comes from DRAM once and from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
  * runtime torch uses). The native decoder layer (decoder_layer.c) calls `gemm_shared` directly.
  *
  * Quantised weights (weight-only, kernels/quant.py's levels) keep the same panels with the levels
@@ -171,9 +171,10 @@ static inline __attribute__((always_inline)) void fma_level(const int ROWS, cons
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
  * rows. ROWS, TILES and BITS are compile-time constants at every call site, so the accumulators
  * live in registers (they are never address-taken): one panel, or with AVX-512 8 rows x 2 panels
- * (each broadcast of x feeds two FMAs: 10 loads per 16 FMAs instead of 17, and two weight streams). Quantised levels are widened to float in registers
- * before the same FMAs and scaled per input (w = q·d), or, in tiles of few rows, once per group of
- * summed products; the float weight never exists in memory. */
+ * (each broadcast of x feeds two FMAs: 10 loads per 16 FMAs instead of 17, and two weight
+ * streams). Quantised levels are widened to float in registers before the same FMAs and scaled
+ * per input (w = q·d), or, in tiles of few rows, once per group of summed products; the float
+ * weight never exists in memory. */
 static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const int BITS,
                                                             const float *x, int64_t ldx, int64_t K,
                                                             const cpu_weight *w, const char *panel,
