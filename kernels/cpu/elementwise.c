@@ -99,9 +99,9 @@ float quantize_int8(const float *x, int64_t n, int8_t *q)
 /* IEEE binary16 (as its bits) <-> binary32, n values: exact one way and rounded to nearest even the
  * other, as torch's .float() and .to(torch.float16) are (subnormals, infinities and NaN included),
  * so the native writer of a float16 KV cache stores what the torch one stores. One instruction per
- * LANES values where the ISA converts (AVX-512F; F16C beside AVX2); aarch64 through its __fp16 type (fcvtl / fcvtn once vectorised);
- * elsewhere (SSE2) by the bit manipulation below, after F. Giesen's half_to_float and
- * float_to_half_fast3_rtne. */
+ * LANES values where the ISA converts (AVX-512F; F16C beside AVX2); aarch64 through its __fp16
+ * type (fcvtl / fcvtn once vectorised); elsewhere (SSE2) by the bit manipulation below, after
+ * F. Giesen's half_to_float and float_to_half_fast3_rtne. */
 #if !defined(__aarch64__)
 static inline float bits_float(uint32_t u)
 {

@@ -14,8 +14,9 @@
  * x[m][k] broadcast. R is what the host's vector registers hold (ONE_PANEL_ROWS below): 16 with
  * AVX-512, where float tiles are 8 rows x 2 panels instead (and quantised ones from 9 rows); 6
  * with AVX2, a panel row taking two of its 16 registers. The row tiles of a panel run back to
- * back, so it comes from DRAM once and from L2 after; above 128 rows, in 128-row blocks. Tiles are split across OpenMP threads (the
- * runtime torch uses). The native decoder layer (decoder_layer.c) calls `gemm_shared` directly.
+ * back, so it comes from DRAM once and from L2 after; above 128 rows, in 128-row blocks. Tiles are
+ * split across OpenMP threads (the runtime torch uses). The native decoder layer (decoder_layer.c)
+ * calls `gemm_shared` directly.
  *
  * Quantised weights (weight-only, kernels/quant.py's levels) keep the same panels with the levels
  * in place of the floats, 4 (int8) or 8 (int4) inputs of a column per 32-bit word: int8 as
