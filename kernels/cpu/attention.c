@@ -10,8 +10,8 @@
  * k_scales, v_scales [num_blocks, block_size, Hkv], one per cached vector): each key and value row
  * is widened (and scaled) into a float row on the stack (in L1) as it is read, and the float code
  * runs on that, so the cache is read at a half or a quarter of the bytes and the arithmetic is the
- * float kernel's. At batch 64 a float32 cache is read at ~0.7x the bytes of the float32 weights per
- * SmolLM2 step, and this kernel is bound by those bytes; llama.cpp caches float16 by default.
+ * float kernel's (at batch 16-64 a step reads as many bytes of cache as of weights; llama.cpp
+ * caches float16 by default).
  *
  * Layouts: q, out [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D];
  * block_tables int32 [B, table_stride]; context_lens int32 [B] (tokens per sequence, the new one
