@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import dense_attention_ref, shuffled_paged_pools
+from test_kv_int8 import MANY_SEQUENCES
 from engine.model.attention import AttentionContext
 from engine.model.config import ModelConfig
 from engine.model.cpu_serving import NativeAttention, to_cpu_serving
@@ -26,6 +27,7 @@ LENGTHS = {
     "one-token": [1],
     "chunk-edges": [31, 32, 33, 64, 65],  # the kernel scores 32 keys at a time
     "ragged": [1, 17, 100, 3, 250, 16],
+    "many": MANY_SEQUENCES,  # a unit of work takes a sequence's KV heads together
 }
 
 
@@ -50,6 +52,21 @@ def test_native_decode_matches_float64(lengths, group, head_dim, block_size, win
     assert native_decode_applies(q, k_cache, v_cache)
     got = native_paged_decode(q, k_cache, v_cache, tables, torch.tensor(lengths), window)
     want = dense_attention_ref(q, ks, vs, (1,) * len(lengths), window)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("hkv,group", [(3, 3), (4, 16), (3, 16)])  # heads per unit: 3 of 3, 2 of 4, 1 of 3
+@pytest.mark.parametrize("threads", [1, 2])
+def test_units_of_several_kv_heads_match_float64(hkv, group, threads, monkeypatch):
+    """A unit takes as many of a sequence's KV heads as divide them with at most MAX_GROUP query heads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(hkv * group)
+    (k_cache, v_cache), tables = shuffled_paged_pools(MANY_SEQUENCES, [(hkv, 64)] * 2, "cpu", 16)
+    q = torch.randn(len(MANY_SEQUENCES), hkv * group, 64)
+    ks = [k_cache[tables[i].long()].flatten(0, 1)[:n] for i, n in enumerate(MANY_SEQUENCES)]
+    vs = [v_cache[tables[i].long()].flatten(0, 1)[:n] for i, n in enumerate(MANY_SEQUENCES)]
+    got = native_paged_decode(q, k_cache, v_cache, tables, torch.tensor(MANY_SEQUENCES))
+    want = dense_attention_ref(q, ks, vs, (1,) * len(MANY_SEQUENCES), None)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 

@@ -37,7 +37,8 @@ def _reference(x, w, bias=None):
 @pytest.mark.parametrize("kernel,dtype", [("native", torch.float32), ("onednn", torch.float32),
                                           ("onednn", torch.bfloat16)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 64, 300])
-@pytest.mark.parametrize("shape", [(96, 40), (1536, 576), (37, 131), (5, 7)])
+# (70, 33) and (52, 20): AVX-512's three-panel float tiles, then a last tile of two panels or one
+@pytest.mark.parametrize("shape", [(96, 40), (1536, 576), (37, 131), (5, 7), (70, 33), (52, 20)])
 def test_packed_linear_matches_float64(rows, shape, kernel, dtype):
     _require(kernel)
     if dtype == torch.bfloat16 and not can_pack(torch.ones(1, 1, dtype=dtype)):

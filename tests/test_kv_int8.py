@@ -117,11 +117,17 @@ def test_triton_decode_reads_the_int8_cache(window, dtype):
     torch.testing.assert_close(got.double().cpu(), want, **TRITON_TOL[dtype])
 
 
+# enough sequences that a unit of the native kernel's work takes all of a sequence's KV heads at
+# once (attention.c's heads_per_unit), where fewer take one head each
+MANY_SEQUENCES = [1 + 13 * i % 97 for i in range(40)]
+
+
 def native_decode_cases(test):
     """The lengths, block sizes, head shapes and windows every native cache reader is held to (and
     the markers that skip it where the kernels are not built)."""
     for mark in (pytest.mark.parametrize("lengths,block_size", [([1], 16), ([31, 32, 33, 64, 65], 16),
-                                                                ([1, 17, 100, 3], 5)]),
+                                                                ([1, 17, 100, 3], 5),
+                                                                (MANY_SEQUENCES, 16)]),
                  pytest.mark.parametrize("group,head_dim", [(1, 16), (3, 64), (8, 128)]),
                  pytest.mark.parametrize("window", [None, 40]), no_compiler, native_off):
         test = mark(test)

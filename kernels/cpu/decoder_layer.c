@@ -24,18 +24,25 @@
 
 #include "lowrank_cpu.h"
 
-/* y [M, N] = x [M, K] through a dense or factorised projection; `low` [M, R] holds x·Bᵀ. */
-static void linear_shared(const cpu_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *low, float *y)
+/* y [M, N] = x [M, K] through a dense or factorised projection; `low` [M, R] holds x·Bᵀ. A dense
+ * one with `barrier` 0 lets each thread go on to the next projection of the same input when its
+ * own tiles are done (gemm_shared); a factorised one always ends in a barrier, as the next one
+ * writes `low` again. */
+static void linear_shared(const cpu_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *low, float *y,
+                          int barrier)
 {
     if (l->rank)
         lowrank_shared(x, M, K, &l->down, l->rank, &l->up, N, l->bias, low, y);
     else
-        gemm_shared(x, K, M, K, &l->weight, N, y, N, l->bias);
+        gemm_shared(x, K, M, K, &l->weight, N, y, N, l->bias, barrier);
 }
 
-static void add_shared(float *x, const float *y, int64_t T, int64_t C) /* x += y, row by row */
+/* x += y, row by row, with no barrier after: its rows are split among the threads as
+ * rmsnorm_shared's are (both static over T rows), so the norm that follows reads only rows its
+ * own thread has added. */
+static void add_rows_shared(float *x, const float *y, int64_t T, int64_t C)
 {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t t = 0; t < T; t++)
         for (int64_t c = 0; c < C; c++) x[t * C + c] += y[t * C + c];
 }
@@ -123,22 +130,22 @@ int lowrank_cpu_decoder_layer(const cpu_decoder_layer *L, float *x, int64_t T, c
 #pragma omp parallel num_threads(threads)
     {
         rmsnorm_shared(x, L->input_norm, T, C, L->eps, h);
-        linear_shared(&L->q, h, T, C, Hq * D, low, q);
-        linear_shared(&L->k, h, T, C, kv, low, k);
-        linear_shared(&L->v, h, T, C, kv, low, v);
-        rope_shared(q, cos_table, sin_table, T, Hq, D, q);
-        rope_shared(k, cos_table, sin_table, T, Hkv, D, k);
+        linear_shared(&L->q, h, T, C, Hq * D, low, q, 0); /* q, k, v: one barrier after the three */
+        linear_shared(&L->k, h, T, C, kv, low, k, 0);
+        linear_shared(&L->v, h, T, C, kv, low, v, 1);
+        rope_shared(q, cos_table, sin_table, T, Hq, D, q, 0);
+        rope_shared(k, cos_table, sin_table, T, Hkv, D, k, 1);
         write_cache_shared(k, v, slots, T, Hkv, D, k_cache, v_cache, cache_bits, k_scales, v_scales);
         paged_decode_shared(q, k_cache, v_cache, cache_bits, k_scales, v_scales, block_tables, table_stride,
                             context_lens, T, Hq, Hkv, D, block_size, L->window, 1.0f / sqrtf((float)D), att);
-        linear_shared(&L->o, att, T, Hq * D, C, low, proj);
-        add_shared(x, proj, T, C);
+        linear_shared(&L->o, att, T, Hq * D, C, low, proj, 1);
+        add_rows_shared(x, proj, T, C);
         rmsnorm_shared(x, L->post_norm, T, C, L->eps, h);
-        linear_shared(&L->gate, h, T, C, I, low, gate);
-        linear_shared(&L->up, h, T, C, I, low, up);
+        linear_shared(&L->gate, h, T, C, I, low, gate, 0);
+        linear_shared(&L->up, h, T, C, I, low, up, 1);
         silu_mul_shared(gate, up, T, I);
-        linear_shared(&L->down, gate, T, I, C, low, proj);
-        add_shared(x, proj, T, C);
+        linear_shared(&L->down, gate, T, I, C, low, proj, 1);
+        add_rows_shared(x, proj, T, C); /* the region's end is the barrier */
     }
     free(scratch);
     return 0;

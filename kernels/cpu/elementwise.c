@@ -41,10 +41,10 @@ void rmsnorm_shared(const float *x, const float *w, int64_t T, int64_t C, float 
 /* y [T, H, D] = x rotated by cos/sin [T, D], rotate-half convention: the first half of each head
  * pairs with the second (y₁ = x₁ cos₁ − x₂ sin₁, y₂ = x₂ cos₂ + x₁ sin₂). */
 void rope_shared(const float *x, const float *cos_table, const float *sin_table, int64_t T, int64_t H, int64_t D,
-                 float *y)
+                 float *y, int barrier)
 {
     const int64_t half = D / 2;
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(static) nowait
     for (int64_t t = 0; t < T; t++) {
         for (int64_t h = 0; h < H; h++) {
             const float *in = x + (t * H + h) * D, *cs = cos_table + t * D, *sn = sin_table + t * D;
@@ -56,6 +56,9 @@ void rope_shared(const float *x, const float *cos_table, const float *sin_table,
                 out[d + half] = second * cs[d + half] + first * sn[d + half];
             }
         }
+    }
+    if (barrier) {
+#pragma omp barrier
     }
 }
 
@@ -70,7 +73,7 @@ void lowrank_cpu_rope(const float *x, const float *cos_table, const float *sin_t
                       float *y, int threads)
 {
 #pragma omp parallel num_threads(threads) if (T * H * D >= PARALLEL_MIN)
-    rope_shared(x, cos_table, sin_table, T, H, D, y);
+    rope_shared(x, cos_table, sin_table, T, H, D, y, 1);
 }
 
 /* x [n] as int8 levels q = round(x / d) (a true division, half to even), d = max|x| / 127 returned,

@@ -12,8 +12,8 @@
  * one contiguous stream. A tile is R rows x 1 panel held in vector accumulators (one lane per
  * output column): per k, one load of the panel's 16 weights and one FMA per row and register with
  * x[m][k] broadcast. R is what the host's vector registers hold (ONE_PANEL_ROWS below): 16 with
- * AVX-512, where float tiles are 8 rows x 2 panels instead (and quantised ones from 9 rows); 6
- * with AVX2, a panel row taking two of its 16 registers. The row tiles of a panel run back to
+ * AVX-512, where float tiles are 8 rows x 2 panels instead, or x 3 panels from 8 rows (and
+ * quantised ones 8 x 2 from 9 rows); 6 with AVX2, a panel row taking two of its 16 registers. The row tiles of a panel run back to
  * back, so it comes from DRAM once and from L2 after; above 128 rows, in 128-row blocks. Tiles are
  * split across OpenMP threads (the runtime torch uses). The native decoder layer (decoder_layer.c)
  * calls `gemm_shared` directly.
@@ -47,7 +47,7 @@
 #endif
 
 #define MAX_ROWS 16
-#define MAX_TILES 2 /* adjacent panels per tile (AVX-512) */
+#define MAX_TILES 3 /* adjacent panels per tile (AVX-512) */
 #define ROW_BLOCK 128 /* rows per tile at prefill sizes: 128 x K floats stay in L2 */
 #define PREFETCH 64 /* cache lines of weights fetched ahead of the FMAs */
 #define LINE 64
@@ -64,10 +64,15 @@
  * bandwidth at 1 row than one panel, 20-25 % more at 2-8 rows, and 5-8 % at 16, the 16 x 1 tile's
  * 17 loads per 16 FMAs becoming 10. Quantised ones from QUANT_TWO_PANEL_MIN rows: below it the
  * one-panel tiles, which fold their scales with more chains, were faster (int8: 5.2 against 6.2 ms
- * for 30 layers' projections at 2 rows, 7.5 against 8.4 at 8; at 16 rows 14.7 against 13.3). */
+ * for 30 layers' projections at 2 rows, 7.5 against 8.4 at 8; at 16 rows 14.7 against 13.3).
+ * Float ones take three panels from THREE_PANEL_MIN rows: 24 accumulators, 3 weight loads and 8
+ * broadcasts per 24 FMAs, with x packed so the broadcasts share one pointer (pack_rows; 30 layers'
+ * fp32 projections at 64 rows 45.4 -> 42.6 ms, the head 12.2 -> 10.7, one process alternating
+ * builds; equal at 8 rows). */
 #if LANES == 16
 #define ONE_PANEL_ROWS 16
 #define TWO_PANEL_ROWS 8
+#define THREE_PANEL_ROWS 8
 #define QUANT_ROWS 16
 #elif LANES == 8 || defined(__aarch64__)
 #define ONE_PANEL_ROWS 6 /* 16 ymm with AVX2, 32 q registers with NEON */
@@ -78,7 +83,9 @@
 #endif
 #ifndef TWO_PANEL_ROWS
 #define TWO_PANEL_ROWS 0
+#define THREE_PANEL_ROWS 0
 #endif
+#define THREE_PANEL_MIN 8 /* rows from which float tiles take three panels (AVX-512) */
 #define QUANT_TWO_PANEL_MIN 9
 #define VECTORS (PANEL / LANES) /* registers per panel row */
 
@@ -171,17 +178,18 @@ static inline __attribute__((always_inline)) void fma_level(const int ROWS, cons
 
 /* rows x[0..ROWS) (row stride ldx) times TILES adjacent panels -> y columns [0, cols) of those
  * rows. ROWS, TILES and BITS are compile-time constants at every call site, so the accumulators
- * live in registers (they are never address-taken): one panel, or with AVX-512 8 rows x 2 panels
- * (each broadcast of x feeds two FMAs: 10 loads per 16 FMAs instead of 17, and two weight
- * streams). Quantised levels are widened to float in registers before the same FMAs and scaled
+ * live in registers (they are never address-taken): one panel, or with AVX-512 8 rows x 2 or 3
+ * panels (each broadcast of x feeds two or three FMAs: 10 loads per 16 FMAs instead of 17, and two
+ * weight streams), the three-panel ones reading x packed (PACKED rows per input, pack_rows).
+ * `ahead`, `spread`: the lines this tile fetches for later ones (tile_all_rows). Quantised levels are widened to float in registers before the same FMAs and scaled
  * per input (w = q·d), or, in tiles of few rows, once per group of summed products; the float
  * weight never exists in memory. */
 static inline __attribute__((always_inline)) void tile_rows(const int ROWS, const int TILES, const int BITS,
-                                                            const float *x, int64_t ldx, int64_t K,
+                                                            const int PACKED, const float *x, int64_t ldx, int64_t K,
                                                             const cpu_weight *w, const char *panel,
                                                             int64_t panel_bytes, const float *scales, float *y,
                                                             int64_t ldy, int cols, const float *bias,
-                                                            const char *ahead)
+                                                            const char *ahead, int spread)
 {
     vec acc[MAX_ROWS][MAX_TILES * VECTORS];
     for (int m = 0; m < ROWS; m++)
@@ -191,11 +199,14 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
             vec wk[MAX_TILES * VECTORS];
             for (int t = 0; t < TILES; t++) {
                 const float *row = (const float *)(panel + t * panel_bytes) + PANEL * k;
-                if (ahead) __builtin_prefetch(ahead + t * panel_bytes + LINE * k, 0, PREFETCH_LOCALITY);
+                if (ahead && spread < 0)
+                    __builtin_prefetch(ahead + t * panel_bytes + LINE * k, 0, PREFETCH_LOCALITY);
+                else if (ahead && !(k & ((1 << spread) - 1))) /* one line per 2^spread inputs, into L2 */
+                    __builtin_prefetch(ahead + t * panel_bytes + LINE * (k >> spread), 0, 2);
                 for (int v = 0; v < VECTORS; v++) wk[t * VECTORS + v] = *(const vec_unaligned *)(row + LANES * v);
             }
             for (int m = 0; m < ROWS; m++) {
-                const float xm = x[m * ldx + k];
+                const float xm = PACKED ? x[k * PACKED + m] : x[m * ldx + k];
                 for (int v = 0; v < TILES * VECTORS; v++) acc[m][v] += xm * wk[v];
             }
         }
@@ -256,47 +267,70 @@ static inline __attribute__((always_inline)) void tile_rows(const int ROWS, cons
     }
 }
 
-/* All M rows times `tiles` (1 or 2) adjacent panels: full blocks of rows, then the remainder, each
- * with its row count as a constant. The first row tile streams the panel from DRAM, fetching it
- * PREFETCH lines ahead; the later ones read it from L2 and meanwhile fetch the next tile's panels,
- * so DRAM stays busy through them (16 rows on the Zen 3, cold SmolLM2 weights: 30 layers' dense
- * projections 50-55 -> 40-51 ms, the head 12-13.6 -> 9.5-11.7 ms, in alternating runs). Not the
- * float two-panel tiles (AVX-512): there every later row tile fetching the next pair again cost
- * more than it hid (on the Xeon, 30 layers' fp32 projections at 64 rows 56.4-57.0 -> 53.3-54.1 ms
- * without; a batch-64 decode step 94-96 -> 90 ms). */
+/* All M rows times `tiles` (1-3) adjacent panels: full blocks of rows, then the remainder, each
+ * with its row count as a constant. Three-panel tiles (float, AVX-512) read x packed (pack_rows,
+ * ldx = K).
+ *
+ * The first row tile streams its panels from DRAM, fetching them PREFETCH lines ahead; the later
+ * ones read them from L2 and meanwhile fetch the next tile's panels, so DRAM stays busy through
+ * the compute-bound tiles. One-panel tiles fetch all of the next panel in each later tile (16 rows
+ * on the Zen 3, cold SmolLM2 weights: 30 layers' dense projections 50-55 -> 40-51 ms, the head
+ * 12-13.6 -> 9.5-11.7 ms, alternating runs). Float tiles of two or three panels, whose later tiles
+ * are compute-bound for longer, spread it: the first 2^spread later tiles fetch a 2^-spread share
+ * each into L2, one line per 2^spread inputs, where the whole of it from every later tile into L1
+ * had cost more than it hid (on the Xeon at 64 rows, one process alternating builds: 30 layers'
+ * fp32 projections 52.7 -> 45.4 ms with two-panel tiles, 42.6 with three, the head 14.5 -> 11.2 ms,
+ * against no fetching ahead). */
 static inline __attribute__((always_inline)) void tile_all_rows(const int BITS, const int tiles, const float *x,
                                                                 int64_t ldx, int64_t M, int64_t K,
                                                                 const cpu_weight *w, const char *panel,
                                                                 int64_t panel_bytes, const float *scales,
                                                                 float *y, int64_t ldy, int cols, const float *bias)
 {
-    const int two = TWO_PANEL_ROWS && tiles == 2;
-    const int64_t block = two ? TWO_PANEL_ROWS : BITS == 32 ? ONE_PANEL_ROWS : QUANT_ROWS;
-    const char *own = panel + LINE * PREFETCH, *next = BITS == 32 && two ? 0 : panel + tiles * panel_bytes;
+    const int three = THREE_PANEL_ROWS && BITS == 32 && tiles == 3, two = TWO_PANEL_ROWS && tiles == 2;
+    const int64_t block = three ? THREE_PANEL_ROWS : two ? TWO_PANEL_ROWS : BITS == 32 ? ONE_PANEL_ROWS : QUANT_ROWS;
+    const char *own = panel + LINE * PREFETCH, *next = panel + tiles * panel_bytes;
+    const int64_t later = (M + block - 1) / block - 1; /* row tiles after the first */
+    const int spread = BITS == 32 && tiles > 1 ? (later >= 4 ? 2 : later >= 2 ? 1 : 0) : -1;
+    const int64_t share = spread < 0 ? 0 : LINE * ((K + (1 << spread) - 1) >> spread); /* bytes per panel */
     int64_t m = 0;
+#define AHEAD(m)                                                                                           \
+    (!(m) ? own : spread < 0 ? next : (m) / block <= (1 << spread) ? next + share * ((m) / block - 1) : 0)
+#define SPREAD(m) ((m) ? spread : -1)
     for (; m + block <= M; m += block) {
-        const char *ahead = m ? next : own;
-        if (two)
-            tile_rows(TWO_PANEL_ROWS, 2, BITS, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy, ldy,
-                      cols, bias, ahead);
+        if (three)
+            tile_rows(THREE_PANEL_ROWS, 3, BITS, THREE_PANEL_ROWS, x + m * ldx, ldx, K, w, panel, panel_bytes,
+                      scales, y + m * ldy, ldy, cols, bias, AHEAD(m), SPREAD(m));
+        else if (two)
+            tile_rows(TWO_PANEL_ROWS, 2, BITS, 0, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy,
+                      ldy, cols, bias, AHEAD(m), SPREAD(m));
         else if (BITS == 32)
-            tile_rows(ONE_PANEL_ROWS, 1, BITS, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy, ldy,
-                      cols, bias, ahead);
+            tile_rows(ONE_PANEL_ROWS, 1, BITS, 0, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy,
+                      ldy, cols, bias, AHEAD(m), SPREAD(m));
         else
-            tile_rows(QUANT_ROWS, 1, BITS, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy, ldy,
-                      cols, bias, ahead);
+            tile_rows(QUANT_ROWS, 1, BITS, 0, x + m * ldx, ldx, K, w, panel, panel_bytes, scales, y + m * ldy, ldy,
+                      cols, bias, AHEAD(m), SPREAD(m));
     }
     const float *xr = x + m * ldx;
-    const char *ahead = m ? next : own;
+    const char *ahead = AHEAD(m);
+    const int spread_r = SPREAD(m);
+#undef AHEAD
+#undef SPREAD
     float *yr = y + m * ldy;
     switch (M - m) {  /* below `block` rows */
 #define REMAINDER(n)                                                                                        \
     case n:                                                                                                 \
-        if (two) {  /* constant conditions: no tile wider than the registers */                             \
-            if (n < TWO_PANEL_ROWS) tile_rows(n, 2, BITS, xr, ldx, K, w, panel, panel_bytes, scales, yr, ldy, \
-                                              cols, bias, ahead);                                           \
+        if (three) {  /* constant conditions: no tile wider than the registers */                           \
+            if (n < THREE_PANEL_ROWS)                                                                       \
+                tile_rows(n, 3, BITS, THREE_PANEL_ROWS, xr, ldx, K, w, panel, panel_bytes, scales, yr, ldy, \
+                          cols, bias, ahead, spread_r);                                                     \
+        } else if (two) {                                                                                   \
+            if (n < TWO_PANEL_ROWS)                                                                         \
+                tile_rows(n, 2, BITS, 0, xr, ldx, K, w, panel, panel_bytes, scales, yr, ldy, cols, bias,    \
+                          ahead, spread_r);                                                                 \
         } else if (n < (BITS == 32 ? ONE_PANEL_ROWS : QUANT_ROWS))                                           \
-            tile_rows(n, 1, BITS, xr, ldx, K, w, panel, panel_bytes, scales, yr, ldy, cols, bias, ahead);    \
+            tile_rows(n, 1, BITS, 0, xr, ldx, K, w, panel, panel_bytes, scales, yr, ldy, cols, bias, ahead,  \
+                      spread_r);                                                                            \
         break;
     REMAINDER(1) REMAINDER(2) REMAINDER(3) REMAINDER(4) REMAINDER(5) REMAINDER(6) REMAINDER(7)
     REMAINDER(8) REMAINDER(9) REMAINDER(10) REMAINDER(11) REMAINDER(12) REMAINDER(13) REMAINDER(14)
@@ -488,10 +522,37 @@ static inline __attribute__((always_inline)) int gemm_tiles_vnni(const int BITS,
 }
 #endif
 
+#if THREE_PANEL_ROWS
+/* x [rows, K] (row stride ldx) packed for three-panel tiles as [ceil(rows/8)][K][8] (rows past the
+ * end zero), so that a tile's 8 broadcasts per input come from one pointer at constant offsets:
+ * GCC kept the 8 row pointers of the unpacked x on the stack, reloading one per broadcast. Into
+ * this thread's buffer, grown as needed and kept for the thread's next call (the threads of the
+ * OpenMP pool live as long as the process); NULL where it cannot grow. */
+static const float *pack_rows(const float *x, int64_t ldx, int64_t rows, int64_t K)
+{
+    static __thread float *buffer;
+    static __thread int64_t capacity;
+    const int64_t blocks = (rows + THREE_PANEL_ROWS - 1) / THREE_PANEL_ROWS, need = blocks * THREE_PANEL_ROWS * K;
+    if (need > capacity) {
+        free(buffer);
+        buffer = malloc(sizeof(float) * need);
+        capacity = buffer ? need : 0;
+        if (!buffer) return NULL;
+    }
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t i = 0; i < THREE_PANEL_ROWS; i++) {
+                const int64_t m = b * THREE_PANEL_ROWS + i;
+                buffer[(b * K + k) * THREE_PANEL_ROWS + i] = m < rows ? x[m * ldx + k] : 0.0f;
+            }
+    return buffer;
+}
+#endif
+
 /* The (row block, panel) tiles of one weight format, shared among the region's threads. */
 static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, const float *x, int64_t ldx, int64_t M,
                                                              int64_t K, const cpu_weight *w, int64_t N, float *y,
-                                                             int64_t ldy, const float *bias)
+                                                             int64_t ldy, const float *bias, int barrier)
 {
 #if VNNI
     if (BITS != 32 && w->activations == 8 && M >= VNNI_MIN_ROWS && w->group % 8 == 0 &&
@@ -499,11 +560,17 @@ static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, con
         return;
 #endif
     const int64_t panels = (N + PANEL - 1) / PANEL, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const int64_t step = TWO_PANEL_ROWS && (BITS == 32 || M >= QUANT_TWO_PANEL_MIN) ? 2 : 1;
+    const int64_t step = THREE_PANEL_ROWS && BITS == 32 && M >= THREE_PANEL_MIN      ? 3
+                         : TWO_PANEL_ROWS && (BITS == 32 || M >= QUANT_TWO_PANEL_MIN) ? 2
+                                                                                      : 1;
     const int64_t tiles = (panels + step - 1) / step;
     const int64_t panel_bytes = ROW_BYTES * ((K + PER_WORD(BITS) - 1) / PER_WORD(BITS));
     const int64_t groups = BITS == 32 ? 0 : (K + w->group - 1) / w->group;
-#pragma omp for collapse(2) schedule(static)
+#if THREE_PANEL_ROWS
+    int64_t packed_block = -1; /* the row block this thread's packed rows hold */
+    const float *packed = NULL;
+#endif
+#pragma omp for collapse(2) schedule(static) nowait
     for (int64_t r = 0; r < row_blocks; r++) {
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t m = r * ROW_BLOCK, rows = M - m < ROW_BLOCK ? M - m : ROW_BLOCK, p = t * step;
@@ -511,9 +578,29 @@ static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, con
             const char *panel = (const char *)w->data + p * panel_bytes;
             const float *scales = BITS == 32 ? 0 : w->scales + p * groups * PANEL, *b = bias ? bias + PANEL * p : 0;
             float *out = y + m * ldy + PANEL * p;
+#if THREE_PANEL_ROWS
+            if (BITS == 32 && width > 2 * PANEL) {
+                if (packed_block != r) {
+                    packed = pack_rows(x + m * ldx, ldx, rows, K);
+                    packed_block = r;
+                }
+                if (packed) {
+                    tile_all_rows(BITS, 3, packed, K, rows, K, w, panel, panel_bytes, scales, out, ldy, (int)width, b);
+                } else { /* no memory for the packed rows: two panels, then one */
+                    tile_all_rows(BITS, 2, x + m * ldx, ldx, rows, K, w, panel, panel_bytes, scales, out, ldy,
+                                  2 * PANEL, b);
+                    tile_all_rows(BITS, 1, x + m * ldx, ldx, rows, K, w, panel + 2 * panel_bytes, panel_bytes,
+                                  scales, out + 2 * PANEL, ldy, (int)width - 2 * PANEL, b ? b + 2 * PANEL : 0);
+                }
+                continue;
+            }
+#endif
             tile_all_rows(BITS, width > PANEL ? 2 : 1, x + m * ldx, ldx, rows, K, w, panel, panel_bytes, scales, out,
                           ldy, (int)width, b);
         }
+    }
+    if (barrier) {
+#pragma omp barrier
     }
 }
 
@@ -522,14 +609,14 @@ static inline __attribute__((always_inline)) void gemm_tiles(const int BITS, con
  * end). Up to ROW_BLOCK rows the threads split the panels; beyond, each thread takes whole row
  * blocks, whose rows stay in its L2 while the panels stream past. */
 void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const cpu_weight *w, int64_t N, float *y,
-                 int64_t ldy, const float *bias)
+                 int64_t ldy, const float *bias, int barrier)
 {
     if (w->bits == 8)
-        gemm_tiles(8, x, ldx, M, K, w, N, y, ldy, bias);
+        gemm_tiles(8, x, ldx, M, K, w, N, y, ldy, bias, barrier);
     else if (w->bits == 4)
-        gemm_tiles(4, x, ldx, M, K, w, N, y, ldy, bias);
+        gemm_tiles(4, x, ldx, M, K, w, N, y, ldy, bias, barrier);
     else
-        gemm_tiles(32, x, ldx, M, K, w, N, y, ldy, bias);
+        gemm_tiles(32, x, ldx, M, K, w, N, y, ldy, bias, barrier);
 }
 
 /* y [M, N] = x [M, K] · Wᵀ + bias (bias may be NULL); x, y contiguous. */
@@ -537,14 +624,14 @@ void lowrank_cpu_linear(const float *x, int64_t M, int64_t K, const cpu_weight *
                         float *y, int threads)
 {
 #pragma omp parallel num_threads(threads)
-    gemm_shared(x, K, M, K, w, N, y, N, bias);
+    gemm_shared(x, K, M, K, w, N, y, N, bias, 1);
 }
 
 void lowrank_shared(const float *x, int64_t M, int64_t K, const cpu_weight *b, int64_t R, const cpu_weight *a,
                     int64_t N, const float *bias, float *scratch, float *y)
 {
-    gemm_shared(x, K, M, K, b, R, scratch, R, 0);  /* its implicit barrier: scratch is whole */
-    gemm_shared(scratch, R, M, R, a, N, y, N, bias);
+    gemm_shared(x, K, M, K, b, R, scratch, R, 0, 1); /* its barrier: scratch is whole */
+    gemm_shared(scratch, R, M, R, a, N, y, N, bias, 1);
 }
 
 /* y [M, N] = (x [M, K] · Bᵀ) · Aᵀ + bias with B [R, K], A [N, R] packed; scratch [M, R] holds

@@ -116,9 +116,11 @@ static inline vec exp_nonpositive(vec x)
     return p * (vec)two_n;
 }
 
-/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · Wᵀ + bias (may be NULL), W packed as panels. */
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) · Wᵀ + bias (may be NULL), W packed as panels.
+ * With `barrier` 0 a thread goes on as soon as its own tiles are done (y is whole only after the
+ * team's next barrier): for the independent projections of one input. */
 HIDDEN void gemm_shared(const float *x, int64_t ldx, int64_t M, int64_t K, const cpu_weight *w, int64_t N, float *y,
-                        int64_t ldy, const float *bias);
+                        int64_t ldy, const float *bias, int barrier);
 
 /* y [M, N] = (x [M, K] · Bᵀ) · Aᵀ + bias, B [R, K] and A [N, R] packed; scratch [M, R] holds x·Bᵀ. */
 HIDDEN void lowrank_shared(const float *x, int64_t M, int64_t K, const cpu_weight *b, int64_t R,
@@ -144,5 +146,5 @@ HIDDEN float quantize_int8(const float *x, int64_t n, int8_t *q);
 
 HIDDEN void rmsnorm_shared(const float *x, const float *w, int64_t T, int64_t C, float eps, float *y);
 HIDDEN void rope_shared(const float *x, const float *cos_table, const float *sin_table, int64_t T, int64_t H,
-                        int64_t D, float *y);
+                        int64_t D, float *y, int barrier); /* barrier: as gemm_shared's */
 #endif
