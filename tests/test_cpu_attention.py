@@ -60,11 +60,7 @@ def test_native_decode_matches_float64(lengths, group, head_dim, block_size, win
 def test_units_of_several_kv_heads_match_float64(hkv, group, threads, monkeypatch):
     """A unit takes as many of a sequence's KV heads as divide them with at most MAX_GROUP query heads."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    torch.manual_seed(hkv * group)
-    (k_cache, v_cache), tables = shuffled_paged_pools(MANY_SEQUENCES, [(hkv, 64)] * 2, "cpu", 16)
-    q = torch.randn(len(MANY_SEQUENCES), hkv * group, 64)
-    ks = [k_cache[tables[i].long()].flatten(0, 1)[:n] for i, n in enumerate(MANY_SEQUENCES)]
-    vs = [v_cache[tables[i].long()].flatten(0, 1)[:n] for i, n in enumerate(MANY_SEQUENCES)]
+    q, k_cache, v_cache, tables, ks, vs = _case(MANY_SEQUENCES, group, 64, 16, seed=hkv * group, hkv=hkv)
     got = native_paged_decode(q, k_cache, v_cache, tables, torch.tensor(MANY_SEQUENCES))
     want = dense_attention_ref(q, ks, vs, (1,) * len(MANY_SEQUENCES), None)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
