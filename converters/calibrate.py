@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from engine.model.llama import CausalLM
 
+from .data_parallel import shard, sum_across_ranks, world
+
 # Which hooked module's input Gram each decoder linear uses.
 SHARED_INPUT = {
     "q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
@@ -64,7 +66,11 @@ def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4,
     (of the hooked modules named in `only`, when given). Each batch's xᵀx is computed in
     `products`: float32 is exact enough for whitening; GPTQ takes float64, because the float32
     roundoff, about 1e-6 of the largest eigenvalue, makes a Gram with a 1e7 condition number
-    indefinite along the directions a factor's B·H·Bᵀ then amplifies."""
+    indefinite along the directions a factor's B·H·Bᵀ then amplifies.
+
+    Inside a torch.distributed process group each rank runs its own share of `windows` and the
+    Grams are summed across ranks, so every rank returns the Grams of all of `windows` (equal to
+    one process's to float64 round-off: only the order of the sums differs)."""
     hooked = [n for n in dict.fromkeys(gram_key(n) for n in decoder_linears(model)) if only is None or n in only]
     grams: dict[str, torch.Tensor] = {}
 
@@ -79,11 +85,13 @@ def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4,
 
         return hook
 
+    windows = shard(windows, batch_size)
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in hooked]
     try:
-        for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", unit="batch"):
+        for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", unit="batch",
+                      disable=world()[0] != 0):
             model.hidden_states(list(windows[i : i + batch_size]))
     finally:
         for h in handles:
             h.remove()
-    return grams
+    return sum_across_ranks(grams)
