@@ -22,6 +22,7 @@ from engine.model.rank_budget import allocate_ranks, dense_rank, module_params
 
 from .atomic import atomic_folder
 from .calibrate import decoder_linears
+from .data_parallel import rank_zero_writes
 from .factorize import Factors
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -115,7 +116,12 @@ def dense_manifest(source: Path, model: CausalLM) -> dict:
 
 
 def write_folder_atomically(source: Path, out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
-    """The weights, the manifest and the source's config/tokenizer files, all or nothing."""
+    """The weights, the manifest and the source's config/tokenizer files, all or nothing (written by
+    rank 0 of a data-parallel group, read by every rank once this returns)."""
+    rank_zero_writes(lambda: _write_folder(source, out, tensors, manifest))
+
+
+def _write_folder(source: Path, out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
     with atomic_folder(out, replace=True) as tmp:
         for item in source.iterdir():  # config, tokenizer, chat template: copied unchanged
             if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != MANIFEST:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine.model.llama import CausalLM
 
-from .data_parallel import shard, sum_across_ranks, world
+from .data_parallel import progress, shard, sum_across_ranks
 
 # Which hooked module's input Gram each decoder linear uses.
 SHARED_INPUT = {
@@ -88,8 +87,7 @@ def collect_grams(model: CausalLM, windows: torch.Tensor, batch_size: int = 4,
     windows = shard(windows, batch_size)
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in hooked]
     try:
-        for i in tqdm(range(0, len(windows), batch_size), desc="calibrate", unit="batch",
-                      disable=world()[0] != 0):
+        for i in progress(range(0, len(windows), batch_size), desc="calibrate", unit="batch"):
             model.hidden_states(list(windows[i : i + batch_size]))
     finally:
         for h in handles:

@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from engine.config import KV_DTYPES
 
 from .atomic import atomic_write_text
+from .data_parallel import agree, rank_zero_writes, shared_temporary_folder
 from .cli_types import Parser, float_in, port_number, positive_float, positive_int, ratio_value, seconds
 from .pull import REGISTRY, PullError, pull
 
@@ -119,7 +119,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     device = args.device or "cpu"
     config = None if args.ratio is None else CompressConfig(
         ratio=args.ratio, method=args.method, calib=str(calib), samples=args.samples, seq_len=args.seq_len,
-        steps=args.steps, device=device, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, device=device, seed=args.seed,
     )
     kv_config = None if args.kv_ratio is None else LoRCConfig(
         kv_ratio=args.kv_ratio, schedule=args.kv_schedule, calib=str(calib), samples=args.samples,
@@ -142,7 +142,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         from .quantize import quantize_folder
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.float-") as tmp:
+        with shared_temporary_folder(out.parent, prefix=f".{out.name}.float-") as tmp:
             if produce(Path(tmp) / "float") is None:
                 return None
             return quantize_folder(Path(tmp) / "float", out, quant_config)
@@ -154,7 +154,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             return lorc(path, dest, kv_config)
         # weights first, then the latent K/V of the compressed model, into `dest` atomically
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.weights-") as tmp:
+        with shared_temporary_folder(dest.parent, prefix=f".{dest.name}.weights-") as tmp:
             compress(path, Path(tmp) / "weights", config)
             return lorc(Path(tmp) / "weights", dest, kv_config)
 
@@ -168,10 +168,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
         partial = out.with_name(f"{out.name}.partial")
         compressed, record = partial / "compressed", partial / "compress.json"
         settings = {"model": str(path), "compress": asdict(config), "kv": None if kv_config is None else asdict(kv_config)}
-        if not (args.resume and record.is_file() and json.loads(record.read_text()) == settings):
-            shutil.rmtree(partial, ignore_errors=True)
+        if not agree(args.resume and record.is_file() and json.loads(record.read_text()) == settings):
+            rank_zero_writes(lambda: shutil.rmtree(partial, ignore_errors=True))
             write(compressed)
-            atomic_write_text(record, json.dumps(settings) + "\n")  # written last: it vouches for the folder
+            rank_zero_writes(lambda: atomic_write_text(record, json.dumps(settings) + "\n"))  # last: it vouches for the folder
         manifest = finish(lambda dest: heal(compressed, dest, heal_config, teacher=path, resume=args.resume,
                                             partial=partial, stop_after=args.stop_after))
         if manifest is None:
@@ -350,13 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--steps", type=positive_int, default=600, help="SoCo training steps (default 600)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="SoCo windows per step (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--heal-steps", type=positive_int, help="then heal the factors by distillation for N steps")
+    _add_parallel_options(p)
     _add_heal_options(p)
     _add_quant_options(p, required=False)
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_output_options(p)
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("heal", help="train a compressed folder's factors by distillation from its dense teacher")
@@ -366,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="distillation text (default: ../shared/corpus/pydocs/train.txt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default cpu)")
+    _add_parallel_options(p)
     _add_heal_options(p)
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_output_options(p)
     p.set_defaults(run=cmd_heal)
 
     p = sub.add_parser("quantize", help="store a folder's decoder linears (dense or factorised) as int8 / int4")
@@ -379,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=512, help="gptq: tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda for the calibration pass (default cpu)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_parallel_options(p)
+    _add_output_options(p)
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("generate", help="generate a completion (or a chat reply with --chat)")
@@ -435,6 +436,17 @@ def _add_heal_options(p: argparse.ArgumentParser) -> None:
                    help="checkpoint and stop after N steps of this run (go on later with --resume)")
 
 
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="data-parallel ranks on this machine (one per GPU with --device cuda; default 1); "
+                        "under torchrun the ranks are torchrun's")
+
+
 def _add_quant_options(p: argparse.ArgumentParser, required: bool) -> None:
     """Quantisation's options, shared by `quantize` and `compress --bits` (converters.quantize documents them)."""
     p.add_argument("--bits", type=int, choices=[8, 4], required=required,
@@ -460,8 +472,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     from engine.model.config import ModelFolderError
 
+    from . import data_parallel
+
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; each runs main
+            data_parallel.check_nproc(args.nproc, args.device or "cpu")
+            return data_parallel.launch(args.nproc, argv, "converters.cli")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if not hasattr(args, "nproc"):
+                raise UsageError("runs as one process: start it without torchrun")
+            data_parallel.init_from_environment(args.device or "cpu")
+            if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports; the others would repeat it
+                sys.stdout = open(os.devnull, "w")
         args.run(args)
     except (UsageError, ModelFolderError, PullError, ValueError) as exc:
         print(f"lowrank {args.command}: error: {exc}", file=sys.stderr)

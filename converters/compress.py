@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine import load_model
 from engine.model.checkpoint import read_manifest
@@ -22,6 +21,7 @@ from engine.model.rank_budget import uniform_priority
 
 from .bake import bake
 from .calibrate import SHARED_INPUT, collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
+from .data_parallel import check_batch_size, progress
 from .factorize import Factors, whitened_svd
 from .quantize import refuse_quantized
 from .soco import PRIOR, RATIO_SLACK, SoCoConfig, train_scores
@@ -79,7 +79,7 @@ def prepare(model_dir: str | Path, config: CompressConfig, whiten: bool) -> Prep
         calibration = {"file": config.calib, "samples": config.samples, "seq_len": config.seq_len,
                        "tokens": config.samples * config.seq_len, "seed": config.seed}
     factors: dict[str, Factors] = {}
-    for name in tqdm(decoder_linears(model), desc="factorize", unit="linear"):
+    for name in progress(decoder_linears(model), desc="factorize", unit="linear"):
         factors[name] = whitened_svd(model.get_submodule(name).weight, grams.get(gram_key(name)))
     return Prepared(model, factors, token_ids, calibration, time.perf_counter() - start)
 
@@ -110,6 +110,8 @@ def compress_prepared(prepared: Prepared, model_dir: str | Path, out: str | Path
 
 def compress(model_dir: str | Path, out: str | Path, config: CompressConfig) -> dict:
     """Compress `model_dir` into the folder `out`; returns the written manifest."""
+    if config.method == "soco":
+        check_batch_size(config.batch_size, "--batch-size")  # before the calibration, not after it
     prepared = prepare(model_dir, config, whiten=config.method != "svd")
     return compress_prepared(prepared, model_dir, out, config)
 

@@ -58,7 +58,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from engine import load_model
 from engine.core.cpu_memory import keep_freed_memory
@@ -71,6 +70,8 @@ from kernels import lowrank_gemm
 
 from .bake import files_sha256, read_tensors, weights_sha256, write_folder_atomically
 from .calibrate import sample_windows, tokenize_file
+from .data_parallel import (agree, check_batch_size, hidden_states_fn, mean_across_ranks, progress,
+                            rank_zero_writes, split_batch, sum_across_ranks, world)
 from .distill import distill_kl, head_weight
 from .quantize import quantized_problem
 
@@ -234,14 +235,14 @@ def heal(folder: str | Path, out: str | Path, config: HealConfig, teacher: str |
     folder, out = Path(folder), Path(out)
     partial = Path(partial) if partial is not None else out.with_name(f"{out.name}.partial")
     run = _Run(folder, config, teacher)
-    if resume and (partial / CHECKPOINT).is_file():
+    if agree(resume and (partial / CHECKPOINT).is_file()):
         run.start, run.history = _load_checkpoint(partial, run.fingerprint, run.student, run.optimizer)
     else:  # a fresh start: an older checkpoint goes (not the folder, where a caller may keep more)
-        if resume:
+        if resume and world()[0] == 0:
             print(f"heal: no checkpoint in {partial}: starting from step 0", file=sys.stderr)
-        (partial / CHECKPOINT).unlink(missing_ok=True)
+        rank_zero_writes(lambda: (partial / CHECKPOINT).unlink(missing_ok=True))
     end = config.steps if stop_after is None else min(config.steps, run.start + stop_after)
-    bar = tqdm(range(run.start, end), desc="heal", unit="step", initial=run.start, total=config.steps)
+    bar = progress(range(run.start, end), desc="heal", unit="step", initial=run.start, total=config.steps)
     for step in bar:
         run.step(step)
         bar.set_postfix(kl=f"{run.history[-1]['kl']:.4f}", ratio=f"{run.history[-1]['ratio']:.3f}",
@@ -255,7 +256,7 @@ def heal(folder: str | Path, out: str | Path, config: HealConfig, teacher: str |
             write_healed(folder, Path(snapshot), run.student, manifest)
         return None
     write_healed(folder, out, run.student, manifest)
-    shutil.rmtree(partial, ignore_errors=True)
+    rank_zero_writes(lambda: shutil.rmtree(partial, ignore_errors=True))
     return manifest
 
 
@@ -274,7 +275,9 @@ class _Run:
         if torch.device(config.device).type == "cpu":
             keep_freed_memory()  # activations from reused heap memory, not fresh pages (engine.core.cpu_memory)
         torch.manual_seed(config.seed)
+        check_batch_size(config.batch_size, "--heal-batch-size")
         self.student = build_student(folder, manifest, config)
+        self.student_hidden = hidden_states_fn(self.student.model)  # DistributedDataParallel in a group
         self.scores = stored_scores(weight_files(folder))
         self.teacher = load_model(self.teacher_dir, dtype=torch.float32, device=config.device)
         for p in self.teacher.parameters():
@@ -303,8 +306,10 @@ class _Run:
         ranks = prefix_ranks(self.manifest, self.scores, ratio) if config.max_ratio is not None else {}
         for name, module in student.factorised.items():
             module.rank = ranks.get(name)
-        batch = list(self.windows[self.order[(torch.arange(config.batch_size) + step * config.batch_size) % self.count]])
-        loss, kl, parts = _loss(student.model, self.teacher, batch, config.hidden_weight)
+        batch, share = split_batch(
+            self.windows[self.order[(torch.arange(config.batch_size) + step * config.batch_size) % self.count]])
+        loss, kl, parts = _loss(student.model, self.student_hidden, self.teacher, list(batch), share,
+                                config.hidden_weight)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -346,20 +351,27 @@ class _Run:
         }
 
 
-def _loss(student: CausalLM, teacher: CausalLM, batch: list[torch.Tensor], hidden_weight: float):
-    """(loss, KL as a float, seconds of the teacher's and the student's forward passes)."""
+def _loss(student: CausalLM, student_hidden, teacher: CausalLM, batch: list[torch.Tensor], share: float,
+          hidden_weight: float):
+    """(loss, the whole batch's KL as a float, seconds of the teacher's and the student's forward passes).
+
+    `batch` is this rank's share of the step's windows, `share` its weight (`split_batch`): the
+    ranks' losses average to the whole batch's. The hidden-state term's denominators ‖h_t‖² are
+    summed over the ranks first, so it too is the whole batch's, not a mean of per-rank ratios."""
     t0 = time.perf_counter()
     with torch.no_grad(), _layer_outputs(teacher, hidden_weight > 0) as teacher_layers:
         teacher_hidden = torch.cat(teacher.hidden_states(batch))
     t1 = time.perf_counter()
     with _layer_outputs(student, hidden_weight > 0) as student_layers:
-        student_hidden = torch.cat(student.hidden_states(batch))
-    kl = distill_kl(student_hidden, teacher_hidden, head_weight(student))
+        hidden = student_hidden(batch)
+    kl = share * distill_kl(hidden, teacher_hidden, head_weight(student))
     loss = kl
     if hidden_weight > 0:
-        terms = [(s - t).pow(2).sum() / t.pow(2).sum() for s, t in zip(student_layers, teacher_layers)]
-        loss = kl + hidden_weight * torch.stack(terms).mean()
-    return loss, kl.item(), {"teacher": t1 - t0, "student": time.perf_counter() - t1}
+        norms = torch.stack([t.pow(2).sum() for t in teacher_layers])
+        norms = sum_across_ranks({"norms": norms})["norms"]
+        terms = torch.stack([(s - t).pow(2).sum() for s, t in zip(student_layers, teacher_layers)]) / norms
+        loss = kl + hidden_weight * world()[1] * terms.mean()
+    return loss, mean_across_ranks(kl), {"teacher": t1 - t0, "student": time.perf_counter() - t1}
 
 
 class _layer_outputs:
@@ -442,6 +454,11 @@ def _save_checkpoint(partial: Path, fingerprint: dict, step: int, history: list,
                      optimizer: torch.optim.Optimizer) -> None:
     """Trainable tensors, Adam's state and the progress at `step` in one safetensors file (the
     progress as its JSON metadata), renamed into place: a crash mid-write keeps the previous one."""
+    rank_zero_writes(lambda: _write_checkpoint(partial, fingerprint, step, history, student, optimizer))
+
+
+def _write_checkpoint(partial: Path, fingerprint: dict, step: int, history: list, student: Student,
+                      optimizer: torch.optim.Optimizer) -> None:
     partial.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{name}": p.detach().cpu().contiguous() for name, p in student.trained.items()}
     for name, p in student.trained.items():

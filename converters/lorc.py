@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engine import load_model
 from engine.model.checkpoint import read_manifest
@@ -41,6 +40,7 @@ from engine.model.rank_budget import dense_rank, lowrank_params
 
 from .bake import dense_manifest, read_tensors, write_folder_atomically
 from .calibrate import collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
+from .data_parallel import progress
 from .factorize import Factors, whitened_svd
 from .quantize import refuse_quantized
 
@@ -151,7 +151,7 @@ def measure_sensitivity(model: CausalLM, factors: dict[str, Factors], windows: t
     reference = log_probs()
     dtype = model.model.embed_tokens.weight.dtype
     sensitivity = {}
-    for name in tqdm(factors, desc="kv sensitivity", unit="proj"):
+    for name in progress(factors, desc="kv sensitivity", unit="proj"):
         f, rank = factors[name], ranks[name]
         energy = f.sigma.double() ** 2
         removed = (energy[rank:].sum() / energy.sum().clamp(min=1e-300)).item()

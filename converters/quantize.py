@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine import load_model
 from engine.model.checkpoint import FORMAT_VERSION, read_manifest
@@ -42,6 +41,7 @@ from kernels.quant import Quantized, check_format, dequantize, quantize
 
 from .bake import dense_manifest, read_tensors, write_folder_atomically
 from .calibrate import collect_grams, decoder_linears, gram_key, sample_windows, tokenize_file
+from .data_parallel import progress
 from .gptq import DAMP, gptq_quantize
 
 DEFAULT_GROUP = {8: 64, 4: 32}
@@ -156,7 +156,7 @@ def quantize_folder(source: str | Path, out: str | Path, config: QuantConfig) ->
     grams = calibration_grams(source, config) if config.rounding == "gptq" else None
     tensors = read_tensors(source)
     bytes_before = sum(t.nbytes for t in tensors.values())
-    for name, m in tqdm(manifest["modules"].items(), desc=f"quantize ({config.rounding})", unit="linear"):
+    for name, m in progress(manifest["modules"].items(), desc=f"quantize ({config.rounding})", unit="linear"):
         gram = None if grams is None else grams[gram_key(name)]
         for leaf in quantized_leaves(m):  # B before A: A's Gram is B's output's
             qw = _round(tensors.pop(f"{name}.{leaf}"), gram, config)

@@ -50,12 +50,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from engine.model.llama import CausalLM
 from engine.model.rank_budget import allocate_ranks, dense_rank, uniform_priority
 from kernels import lowrank_gemm
 
+from .data_parallel import hidden_states_fn, mean_across_ranks, progress, split_batch
 from .distill import distill_kl, head_weight
 from .factorize import Factors
 
@@ -169,24 +169,28 @@ def train_scores(
     """Learn scores for `factors` (name -> whitened SVD of that decoder linear) on `windows` [N, L].
 
     `dense_params` is the parameter count of all decoder linears (the ratio's denominator).
+    Inside a torch.distributed group each rank runs its share of every step's batch and the
+    scores' gradients are averaged over the ranks (`converters.data_parallel`): the same steps
+    as one process over the whole batch.
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     student = build_student(teacher, factors)
     modules = {name: student.get_submodule(name) for name in factors}
+    student_hidden = hidden_states_fn(student)
     target = (1 - config.ratio) * dense_params
     optimizer = torch.optim.Adam([m.scores for m in modules.values()], lr=config.lr)
     s1_end, s2_end = int(config.stage1_frac * config.steps), int(config.stage2_frac * config.steps)
     stage, weight, lambda0, history = 1, 0.0, None, []
     mean_cost = sum(m.cost * len(m.scores) for m in modules.values()) / sum(len(m.scores) for m in modules.values())
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))
-    bar = tqdm(range(config.steps), desc="soco", unit="step")
+    bar = progress(range(config.steps), desc="soco", unit="step")
     for step in bar:
         idx = order[(torch.arange(config.batch_size) + step * config.batch_size) % len(windows)]
-        batch = list(windows[idx])
+        batch, share = split_batch(windows[idx])
         with torch.no_grad():
-            teacher_hidden = torch.cat(teacher.hidden_states(batch))
-        kl = distill_kl(torch.cat(student.hidden_states(batch)), teacher_hidden, head_weight(student))
+            teacher_hidden = torch.cat(teacher.hidden_states(list(batch)))
+        kl = share * distill_kl(student_hidden(list(batch)), teacher_hidden, head_weight(student))
         goal = config.ratio
         if stage == 1 and config.progressive:
             goal = config.ratio * min(1.0, (step + 1) / max(1, config.ramp_frac * s1_end))
@@ -214,7 +218,7 @@ def train_scores(
         optimizer.step()
         if stage == 3:
             _sparsify(modules, keep_masks(modules, int(target)), steps_left=config.steps - step - 1)
-        record = {"step": step, "stage": stage, "kl": kl.item(), "ratio": ratio, "goal": goal, "lambda": weight}
+        record = {"step": step, "stage": stage, "kl": mean_across_ranks(kl), "ratio": ratio, "goal": goal, "lambda": weight}
         if step % 10 == 0 or step == config.steps - 1:
             history.append(record)
         bar.set_postfix(stage=stage, kl=f"{record['kl']:.4f}", ratio=f"{ratio:.3f}")
