@@ -96,7 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     if json_path:
         record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype,
-                  "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations}
+                  "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations,
+             "tensor_parallel_size": args.tensor_parallel_size}
         atomic_write_text(json_path, json.dumps(record | result.as_dict(), indent=2) + "\n")
 
 
@@ -298,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     llm = LLM(path, dtype=args.dtype, device=args.device, ratio=args.ratio, kv_cache_dtype=args.kv_cache_dtype,
-              int8_activations=args.int8_activations)
+              int8_activations=args.int8_activations, tensor_parallel_size=args.tensor_parallel_size)
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     for delta in llm.stream(prompt, params):
         print(delta.text, end="", flush=True)
@@ -310,7 +311,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     given = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
              "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory,
-             "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations}
+             "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations,
+             "tensor_parallel_size": args.tensor_parallel_size}
     settings = {k: v for k, v in given.items() if v is not None}
     if args.no_prefix_caching:
         settings["enable_prefix_caching"] = False
@@ -393,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, help="seed for sampling: same seed, same text")
     _add_model_options(p)
+    _add_tensor_parallel_option(p)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -411,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequences-per-request", type=positive_int,
                    help="prompts x n one request may ask for (default 256)")
     _add_model_options(p)
+    _add_tensor_parallel_option(p)
     p.set_defaults(run=cmd_serve)
     return parser
 
@@ -457,6 +461,11 @@ def _add_quant_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="leave the head (the tied token table) float; by default it is stored int8")
     p.add_argument("--rounding", choices=["rtn", "gptq"],
                    help="round-to-nearest, or GPTQ's error feedback on calibration inputs (default rtn int8, gptq int4)")
+
+
+def _add_tensor_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                   help="cut the model across N processes (one per GPU on CUDA; default 1)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

@@ -24,9 +24,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured per batch size
     int8_activations: bool = False  # CPU, int8 / int4 weights: multiply by int8-rounded rows where it has VNNI
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: "auto" (the model's dtype), "float16", "int8" (kernels.kv_quant)
+    tensor_parallel_size: int = 1  # ranks the model is cut across (engine.model.tensor_parallel), one process each
 
     def __post_init__(self) -> None:
-        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size"]
+        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from .config import EngineConfig
 from .core.block_manager import BlockManager
 from .core.detokenizer import IncrementalDetokenizer
-from .core.kv_cache import bytes_per_block, default_budget
+from .core.kv_cache import plan_cache
 from .core.runner import ModelRunner
 from .core.sampler import Sampler
 from .core.scheduler import Scheduler
 from .core.sequence import Sequence
-from .model.loader import load_model, load_tokenizer
+from .core.workers import Workers, load_shard
+from .model.loader import load_tokenizer
 from .outputs import CompletionOutput, RequestOutput, StreamDelta
 from .prompts import check_token_ids, completion_room, render_chat
 from .sampling_params import SamplingParams
@@ -65,31 +66,14 @@ class LLM:
         if unknown := sorted(set(settings) - known):
             raise ValueError(f"unknown engine setting(s) {unknown}; known: {', '.join(sorted(known))}")
         self.config = EngineConfig(**settings)
-        self.model = load_model(path, dtype=dtype, device=device, ratio=ratio)
-        self.model.use_kv_cache_dtype(self.config.kv_cache_dtype)
-        self.tokenizer = load_tokenizer(path)
-        mc, bs = self.model.config, self.config.block_size
-        self.vocab_size = mc.vocab_size
-        self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.eos_token_ids = tuple(sorted({*mc.eos_token_ids, self.tokenizer.eos_token_id} - {None}))
-        per_block = bytes_per_block(self.model, bs)
-        self.kv_cache_bytes_per_token = per_block // bs
-        budget = self.config.kv_cache_memory or default_budget(self.model.device)
-        num_blocks, needed = budget // per_block, -(-self.max_model_len // bs)
-        if num_blocks < needed:
-            raise ValueError(f"kv_cache_memory={budget} bytes holds {num_blocks} blocks of {bs} tokens; "
-                             f"max_model_len={self.max_model_len} needs {needed}: raise kv_cache_memory or lower "
-                             f"max_model_len")
-        attn = self.model.model.layers[0].self_attn
-        latent = " of LoRC latents" if attn.latent else f" ({self.config.kv_cache_dtype})" if attn.kv_dtype else ""
-        print(f"KV cache{latent}: {num_blocks} blocks x {bs} tokens = {num_blocks * bs} tokens "
-              f"({num_blocks * per_block / 2**20:.0f} MiB, {per_block // bs} bytes per token)", file=sys.stderr)
-        self.block_manager = BlockManager(num_blocks, bs, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   self.max_model_len, self.eos_token_ids)
-        sampler = Sampler(self.eos_token_ids, self.model.device, self.config.seed)
-        self.runner = ModelRunner(self.model, num_blocks, bs, sampler, self.config.max_num_seqs, needed,
-                                  self.config.cuda_graphs, self.config.int8_activations)
+        tp = self.config.tensor_parallel_size
+        # Ranks 1.. of a tensor-parallel group: worker processes that run each step on their shard.
+        self.workers = Workers(tp, path, dtype, device, ratio, self.config) if tp > 1 else None
+        try:
+            self._build(path, dtype, device, ratio)
+        except BaseException:
+            self.close()
+            raise
         self._requests: dict[int, _Request] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -97,6 +81,47 @@ class LLM:
         # moved out of the collector's reach, the full collections the serving loop's allocations
         # trigger stop walking it (they took ~4 % of a batch-64 CPU decode step). vLLM does the same.
         gc.freeze()
+
+    def _build(self, path: str | Path, dtype, device: str | None, ratio: float | None) -> None:
+        """Model (this rank's shard), tokenizer, cache, scheduler and runner."""
+        self.model = load_shard(path, dtype, device, ratio, self.config.kv_cache_dtype, 0,
+                                self.config.tensor_parallel_size)
+        self.tokenizer = load_tokenizer(path)
+        mc, bs = self.model.config, self.config.block_size
+        self.vocab_size = mc.vocab_size
+        plan = plan_cache(self.model, self.config)
+        self.max_model_len, per_block, needed = plan.max_model_len, plan.per_block, plan.needed
+        self.eos_token_ids = tuple(sorted({*mc.eos_token_ids, self.tokenizer.eos_token_id} - {None}))
+        self.kv_cache_bytes_per_token = per_block // bs
+        num_blocks = self.workers.agree_blocks(plan.num_blocks) if self.workers else plan.num_blocks
+        if num_blocks < needed:
+            raise ValueError(f"kv_cache_memory={plan.budget} bytes holds {num_blocks} blocks of {bs} tokens; "
+                             f"max_model_len={self.max_model_len} needs {needed}: raise kv_cache_memory or lower "
+                             f"max_model_len")
+        attn = self.model.model.layers[0].self_attn
+        latent = " of LoRC latents" if attn.latent else f" ({self.config.kv_cache_dtype})" if attn.kv_dtype else ""
+        shard = f" per rank of {self.config.tensor_parallel_size}" if self.workers else ""
+        print(f"KV cache{latent}: {num_blocks} blocks x {bs} tokens = {num_blocks * bs} tokens "
+              f"({num_blocks * per_block / 2**20:.0f} MiB{shard}, {per_block // bs} bytes per token)", file=sys.stderr)
+        self.block_manager = BlockManager(num_blocks, bs, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   self.max_model_len, self.eos_token_ids)
+        sampler = Sampler(self.eos_token_ids, self.model.device, self.config.seed)
+        self.runner = ModelRunner(self.model, num_blocks, bs, sampler, self.config.max_num_seqs, needed,
+                                  self.config.cuda_graphs, self.config.int8_activations, self.workers)
+        if self.workers:
+            self.workers.ready()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done at exit); a one-process engine has nothing to stop."""
+        if self.workers is not None:
+            self.workers.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- requests ------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

@@ -5,9 +5,11 @@ latents), sized from a byte budget, in the model's dtype or the one its attentio
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from engine.config import EngineConfig
 from engine.model.llama import CausalLM
 
 CPU_DEFAULT_BYTES = 1 << 30
@@ -30,6 +32,26 @@ def default_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * CUDA_FREE_FRACTION)
     return CPU_DEFAULT_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    max_model_len: int  # prompt + completion tokens per sequence
+    budget: int  # bytes for the cache
+    per_block: int  # bytes of one block over all layers
+    num_blocks: int  # blocks the byte budget holds
+    needed: int  # blocks one sequence of max_model_len takes
+
+
+def plan_cache(model: CausalLM, config: EngineConfig) -> CachePlan:
+    """How many blocks of `config.block_size` tokens the budget holds for `model` (every rank of a
+    tensor-parallel group plans its own shard's; the fewest is what they all allocate)."""
+    bs = config.block_size
+    limit = model.config.max_position_embeddings
+    max_model_len = min(config.max_model_len or limit, limit)
+    per_block = bytes_per_block(model, bs)
+    budget = config.kv_cache_memory or default_budget(model.device)
+    return CachePlan(max_model_len, budget, per_block, budget // per_block, -(-max_model_len // bs))
 
 
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

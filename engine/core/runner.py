@@ -19,12 +19,15 @@ from .cuda_graphs import DecodeGraphs
 from .kv_cache import allocate_kv_cache
 from .sampler import Sampler
 from .scheduler import Batch
+from .step_inputs import StepInputs
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, sampler: Sampler, max_num_seqs: int,
-                 max_blocks_per_seq: int, cuda_graphs: bool = True, int8_activations: bool = False):
-        self.model, self.block_size, self.sampler = model, block_size, sampler
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, sampler: Sampler | None, max_num_seqs: int,
+                 max_blocks_per_seq: int, cuda_graphs: bool = True, int8_activations: bool = False, workers=None):
+        """`sampler`: None on a tensor-parallel worker (rank 0 samples); `workers`: rank 0's handle on
+        them (engine.core.workers), which each step is sent to before it runs here."""
+        self.model, self.block_size, self.sampler, self.workers = model, block_size, sampler, workers
         self.device = model.device
         # The kernel path, asked once: what the model is swapped into, and whether graphs can capture its steps.
         self.backend = backend_for(self.device)
@@ -53,8 +56,9 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.max_num_seqs, self.max_blocks_per_seq, self.block_size,
                                    self.scratch_block, capture=False)
 
-    def _host_inputs(self, batch: Batch) -> tuple[list[int], list[int], list[int]]:
-        """Token ids, positions and cache slots of the tokens this step computes, packed in batch order."""
+    def step_inputs(self, batch: Batch) -> StepInputs:
+        """What this step computes, on the host: token ids, positions and cache slots packed in batch
+        order, each sequence's block table and context, and the rows whose logits are sampled."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -66,55 +70,70 @@ class ModelRunner:
             positions.extend(span)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in span)
-        return ids, positions, slots
+        rows, total = [], 0
+        for n, samples in zip(batch.num_new_tokens, batch.samples):
+            total += n
+            if samples:
+                rows.append(total - 1)
+        query_lens = tuple(batch.num_new_tokens)
+        graph = self.graphs is not None and all(n == 1 for n in query_lens) and all(batch.samples) \
+            and self.graphs.fits(len(batch.seqs))
+        return StepInputs(ids, positions, slots, query_lens,
+                          tuple(s.num_computed_tokens + n for s, n in zip(batch.seqs, query_lens)),
+                          [list(s.block_table) for s in batch.seqs], rows,
+                          any(s.num_computed_tokens > 0 for s in batch.seqs), graph)
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def _block_tables(self, batch: Batch) -> torch.Tensor:
-        width = max(len(s.block_table) for s in batch.seqs)
-        return self._to_device([s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs], torch.int32)
+    def _block_tables(self, step: StepInputs) -> torch.Tensor:
+        width = max(len(t) for t in step.block_tables)
+        return self._to_device([t + [0] * (width - len(t)) for t in step.block_tables], torch.int32)
 
-    def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
-        """-> input ids [T], positions [T], the attention context, and the rows [S] whose logits are sampled."""
-        ids, positions, slots = self._host_inputs(batch)
-        query_lens = batch.num_new_tokens
-        reads_cache = any(s.num_computed_tokens > 0 for s in batch.seqs)
-        base = AttentionContext.from_lengths(query_lens, self.device)
-        context_lens = tuple(s.num_computed_tokens + n for s, n in zip(batch.seqs, query_lens))
+    def prepare(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
+        """-> input ids [T], positions [T] and the attention context of a step."""
+        base = AttentionContext.from_lengths(step.query_lens, self.device)
         ctx = AttentionContext(
             cu_seqlens=base.cu_seqlens, seqlens=base.seqlens, max_seqlen=base.max_seqlen,
-            slot_mapping=self._to_device(slots, torch.long),
-            block_tables=self._block_tables(batch) if reads_cache else None,
-            context_lens=context_lens, reads_cache=reads_cache,
+            slot_mapping=self._to_device(step.slots, torch.long),
+            block_tables=self._block_tables(step) if step.reads_cache else None,
+            context_lens=step.context_lens, reads_cache=step.reads_cache,
             # on the device once per step, not copied again by every layer's kernel call
-            context_lens_tensor=self._to_device(list(context_lens), torch.int32) if reads_cache else None,
+            context_lens_tensor=self._to_device(list(step.context_lens), torch.int32) if step.reads_cache else None,
         )
-        ends, total = [], 0
-        for n, samples in zip(query_lens, batch.samples):
-            total += n
-            if samples:
-                ends.append(total - 1)
-        return self._to_device(ids, torch.long), self._to_device(positions, torch.long), ctx, \
-            self._to_device(ends, torch.long)
+        return self._to_device(step.ids, torch.long), self._to_device(step.positions, torch.long), ctx
 
-    def _is_decode(self, batch: Batch) -> bool:
-        return all(n == 1 for n in batch.num_new_tokens) and all(batch.samples) and self.graphs.fits(len(batch.seqs))
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """The step's forward (which also fills the cache) -> hidden states of its sampled rows [S, hidden].
+        Every rank of a tensor-parallel group runs it on the same `step` (engine.core.workers)."""
+        if step.graph:
+            hidden = self.graphs.run(self._to_device(step.ids, torch.long), self._to_device(step.positions, torch.long),
+                                     self._to_device(step.slots, torch.long), self._block_tables(step),
+                                     self._to_device(list(step.context_lens), torch.int32))  # every row samples
+            return hidden
+        ids, positions, ctx = self.prepare(step)
+        return self.model(ids, positions, ctx)[self._to_device(step.rows, torch.long)]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, vocab] float32 (under tensor parallelism, gathered on rank 0)."""
+        return self.model.logits(hidden).float()
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[dict[int, float]] | None]:
         """One forward + sampling; returns a token (and logprobs) per sampling sequence, in batch order."""
-        sampling = [s for s, samples in zip(batch.seqs, batch.samples) if samples]
-        if self.graphs is not None and self._is_decode(batch):
-            ids, positions, slots = self._host_inputs(batch)
-            lens = [s.num_computed_tokens + 1 for s in batch.seqs]
-            hidden = self.graphs.run(self._to_device(ids, torch.long), self._to_device(positions, torch.long),
-                                     self._to_device(slots, torch.long), self._block_tables(batch),
-                                     self._to_device(lens, torch.int32))  # (B, hidden): every row samples
+        step = self.step_inputs(batch)
+        if self.workers is None:
+            hidden = self.execute(step)
+            logits = self.logits(hidden) if step.rows else None
         else:
-            ids, positions, ctx, rows = self.prepare(batch)
-            hidden = self.model(ids, positions, ctx)[rows]  # (S, hidden); the forward also fills the cache
-        if not sampling:
+            self.workers.send(step)  # the other ranks run the same step
+            try:
+                hidden = self.execute(step)
+                logits = self.logits(hidden) if step.rows else None
+            except RuntimeError as exc:  # a collective failed: a rank died or stopped answering
+                raise self.workers.failure(exc) from None
+        if logits is None:
             return [], None
-        logits = self.model.logits(hidden).float()  # (S, vocab)
-        return self.sampler(logits, sampling)
+        return self.sampler(logits, [s for s, samples in zip(batch.seqs, batch.samples) if samples])

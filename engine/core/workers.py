@@ -1,0 +1,233 @@
+"""Tensor-parallel serving's processes: rank 0 is the engine's own process (scheduler, sampler, API)
+and every other rank a worker process that runs the model step rank 0 sends it, on its shard
+(`engine.model.tensor_parallel`). nano-vllm's design: one process per device, started by the
+engine with torch.multiprocessing (spawn) on one machine; the steps travel over torch.distributed
+(one int64 tensor, `StepInputs.encode`), not pickled through shared memory.
+
+Two groups. The model's collectives run on the default group (NCCL on CUDA, gloo on CPU) with a
+bounded timeout: a rank that stops answering mid-step ends the step with an error, not a hang.
+Workers wait for the next step on a second, gloo group whose timeout is long (the engine may be
+idle for days); rank 0's death resets its sockets, so a worker never outlives it. Rank 0 checks
+its workers before every step, and a failed collective names the rank that died; either way the
+engine stops (`WorkerLost`) and its processes are freed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import sys
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.config import EngineConfig
+from engine.model.config import ModelConfig, parse_dtype
+from engine.model.llama import CausalLM
+from engine.model.loader import default_device, default_dtype, load_model
+from engine.model.tensor_parallel import check_tensor_parallel, shard_model
+
+from .step_inputs import HEADER, StepInputs
+
+STEP_TIMEOUT = timedelta(seconds=60)  # a collective waits this long for a rank that has stopped answering
+IDLE_TIMEOUT = timedelta(days=365)  # workers wait for the next step as long as the engine is idle
+JOIN_SECONDS = 10  # a worker told to stop has this long before it is terminated
+STOP = -1  # a header's first value that ends the workers' loop
+
+
+class WorkerLost(RuntimeError):
+    """A tensor-parallel rank died or stopped answering: the engine cannot go on."""
+
+
+def rank_device(device: str | torch.device | None, rank: int) -> torch.device:
+    """Rank `rank`'s device: its own GPU (cuda:rank) on CUDA, the CPU otherwise."""
+    device = torch.device(device) if device is not None else default_device()
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def load_shard(path: str | Path, dtype, device, ratio: float | None, kv_cache_dtype: str, rank: int,
+               size: int) -> CausalLM:
+    """The model as rank `rank` of `size` serves it: loaded whole on the CPU, cut into its shard,
+    then moved to its device (so a model too big for one GPU is never on one), its K/V cached as
+    `kv_cache_dtype`. One rank: `load_model` on the device itself."""
+    target = rank_device(device, rank)
+    if size == 1:
+        model = load_model(path, dtype=dtype, device=target, ratio=ratio)
+    else:
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(ModelConfig.from_folder(path), target)
+        model = shard_model(load_model(path, dtype=dtype, device="cpu", ratio=ratio), rank, size).to(target)
+        model.model.rotary.materialize(target)
+        if model.model.layers[0].self_attn.latent:
+            model.use_latent_kv()  # the layers' reference to the rotary frequencies, now on `target`
+    model.use_kv_cache_dtype(kv_cache_dtype)
+    return model
+
+
+class Workers:
+    """Rank 0's handle on ranks 1..size-1: starts them, joins their group, sends them each step."""
+
+    def __init__(self, size: int, path: str | Path, dtype, device, ratio: float | None, config: EngineConfig):
+        check_tensor_parallel(ModelConfig.from_folder(path), size)
+        target = rank_device(device, 0)
+        if target.type == "cuda" and size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {size} is more than the {torch.cuda.device_count()} CUDA "
+                             "devices this machine has")
+        if dist.is_initialized():
+            raise ValueError("tensor_parallel_size > 1 starts its own process group: this process is already "
+                             "in one (torchrun)")
+        self.size, self.closed = size, False
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        threads = max(1, (os.cpu_count() or 1) // size)
+        context = mp.get_context("spawn")
+        self.procs = [context.Process(target=_worker_main, name=f"lowrank-tp-rank{rank}", daemon=True,
+                                      args=(rank, size, address, str(path), dtype, str(target.type), ratio,
+                                            asdict(config), threads))
+                      for rank in range(1, size)]
+        for p in self.procs:
+            p.start()
+        try:
+            if target.type == "cpu":
+                torch.set_num_threads(threads)  # this process is one of `size` sharing the cores
+            else:
+                torch.cuda.set_device(target)
+            dist.init_process_group("nccl" if target.type == "cuda" else "gloo", init_method=address, rank=0,
+                                    world_size=size, timeout=STEP_TIMEOUT)
+            self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        except BaseException as exc:
+            raise WorkerLost(self._lost(exc)) from None
+        atexit.register(self.close)
+
+    def agree_blocks(self, num_blocks: int) -> int:
+        """The fewest cache blocks any rank's budget holds: every rank allocates that many."""
+        return _min_over_ranks(num_blocks, self.control)
+
+    def ready(self) -> None:
+        """Every rank has its runner (weights packed, cache allocated, graphs captured)."""
+        dist.barrier(group=self.control)
+
+    def send(self, step: StepInputs) -> None:
+        """Tell every worker to run `step` (before rank 0 runs it itself)."""
+        if dead := self._dead():
+            raise WorkerLost(self._lost(None, dead))
+        encoded = step.encode()
+        dist.broadcast(encoded[:HEADER].clone(), src=0, group=self.control)
+        dist.broadcast(encoded[HEADER:].clone(), src=0, group=self.control)
+
+    def failure(self, exc: BaseException) -> WorkerLost:
+        """A step's collective failed: the engine stops, its workers are freed, the error names why."""
+        return WorkerLost(self._lost(exc))
+
+    def close(self) -> None:
+        """Stop the workers (told, then terminated after JOIN_SECONDS) and leave the group. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if not self._dead():
+                dist.broadcast(torch.full((HEADER,), STOP, dtype=torch.long), src=0, group=self.control)
+        except Exception:  # a worker gone already: it needs no telling
+            pass
+        for p in self.procs:
+            p.join(timeout=JOIN_SECONDS)
+        self._terminate()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        atexit.unregister(self.close)
+
+    def _dead(self) -> list[tuple[int, int]]:
+        return [(rank, p.exitcode) for rank, p in enumerate(self.procs, start=1) if p.exitcode is not None]
+
+    def _lost(self, exc: BaseException | None, dead: list[tuple[int, int]] | None = None) -> str:
+        """The engine's end in words (which rank died, waiting a moment for its exit to show, else
+        the error); the workers are freed and the group left."""
+        if dead is None:
+            for p in self.procs:
+                p.join(timeout=1)
+            dead = self._dead()
+        self.closed = True
+        self._terminate()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group broken by the failure: nothing left to leave
+                pass
+        atexit.unregister(self.close)
+        if dead:
+            ranks = ", ".join(f"rank {rank} (exit code {code})" for rank, code in dead)
+            return f"tensor-parallel worker {ranks} died: the engine has stopped"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0] if exc else "unknown"
+        return f"a tensor-parallel step failed ({first}): the engine has stopped"
+
+    def _terminate(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=JOIN_SECONDS)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _worker_main(rank: int, size: int, address: str, path: str, dtype, device_type: str, ratio: float | None,
+                 settings: dict, threads: int) -> None:
+    """A worker rank: load its shard, build its runner like rank 0's, then run each step rank 0
+    sends until told to stop (or until rank 0 is gone)."""
+    from .kv_cache import plan_cache
+    from .runner import ModelRunner
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    device = rank_device(device_type, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=address, rank=rank,
+                            world_size=size, timeout=STEP_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    try:
+        config = EngineConfig(**settings)
+        model = load_shard(path, dtype, device, ratio, config.kv_cache_dtype, rank, size)
+        plan = plan_cache(model, config)
+        num_blocks = _min_over_ranks(plan.num_blocks, control)
+        if num_blocks < plan.needed:
+            return  # rank 0 reached the same count and raises the error that explains it
+        runner = ModelRunner(model, num_blocks, config.block_size, None, config.max_num_seqs, plan.needed,
+                             config.cuda_graphs, config.int8_activations)
+        dist.barrier(group=control)
+        while (step := _receive(control)) is not None:
+            hidden = runner.execute(step)
+            if step.rows:
+                runner.logits(hidden)  # the head's gather to rank 0
+    except Exception as exc:  # rank 0 gone (its sockets reset) or this rank's own failure: rank 0 reports
+        print(f"tensor-parallel rank {rank}: {type(exc).__name__}: {str(exc).strip()[:500]}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _receive(control: dist.ProcessGroup) -> StepInputs | None:
+    header = torch.empty(HEADER, dtype=torch.long)
+    dist.broadcast(header, src=0, group=control)
+    if header[0] == STOP:
+        return None
+    payload = torch.empty(StepInputs.payload_size(header), dtype=torch.long)
+    dist.broadcast(payload, src=0, group=control)
+    return StepInputs.decode(torch.cat([header, payload]))
+
+
+def _min_over_ranks(value: int, group: dist.ProcessGroup) -> int:
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
