@@ -7,7 +7,7 @@
 #   python bench/gpu_report.py DIR                                 back here: DIR -> bench/results/gpu-<device>-<date>.md
 #
 # It installs nothing and needs no model files: the engine stage builds random real-shaped models
-# (bench/synthetic.py). Each stage runs under `timeout` with its own budget (465 s in all, under
+# (bench/synthetic.py). Each stage runs under `timeout` with its own budget (465 s in all on one GPU, under
 # the device tool's 10-minute command: with a machine's start that is most of a 15-minute lease,
 # so plan one run, not two); a stage that fails or runs out of time is recorded, keeps what it
 # finished (bench/pytest_sigterm.py), and the next one runs. Everything lands in $OUT (default
@@ -16,6 +16,7 @@
 #   stages.jsonl  one line per stage: name, exit status, seconds, budget, timed out
 #   tests.xml     the CUDA tests (JUnit XML)            kernels.json  low-rank GEMM benchmarks
 #   latent.json   latent attention benchmarks           engine.json   the engine on the 8B shape
+#   tp.json       TP=2 against one process, with two GPUs (bench/tensor_parallel.py --report renders it)
 #   log.txt       every stage's output, in order
 # The dry run (GPU_DRY_RUN=1) runs every stage at tiny sizes, the Triton tests under the
 # interpreter, so the script cannot rot between the rare GPU draws.
@@ -28,7 +29,7 @@ DRY=${GPU_DRY_RUN:-0}
 OUT=${OUT:-bench/results/raw}
 mkdir -p "$OUT"
 rm -f "$OUT"/env.json "$OUT"/stages.jsonl "$OUT"/tests.xml "$OUT"/kernels.json "$OUT"/latent.json \
-    "$OUT"/engine.json "$OUT"/log.txt
+    "$OUT"/engine.json "$OUT"/tp.json "$OUT"/log.txt
 LOG="$OUT/log.txt"
 export PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Autotuning timings reused across stages (the same shapes recur); `-o addopts` drops `-m 'not slow'`:
@@ -51,6 +52,8 @@ if [ "$DRY" = 1 ]; then
     ENGINE=("bench/bench_engine.py::test_generate[ours-dense-1]" "bench/bench_engine.py::test_generate[ours-r0.4-1]"
             "bench/bench_engine.py::test_generate[ours-r0.4-kv0.5-1]" "bench/bench_engine.py::test_generate[hf-dense-1]")
     ENV_ARGS=(--dry)
+    TP_ARGS=(--rounds 1 --tokens 4 --batches 1)
+    BUDGET_TP=${BUDGET_TP:-120}
     BUDGET_ENV=${BUDGET_ENV:-60} BUDGET_TESTS=${BUDGET_TESTS:-120} BUDGET_KERNELS=${BUDGET_KERNELS:-60}
     BUDGET_LATENT=${BUDGET_LATENT:-60} BUDGET_ENGINE=${BUDGET_ENGINE:-120}
 else
@@ -75,6 +78,8 @@ else
     LATENT=(bench/bench_latent_attention.py)
     ENGINE=(bench/bench_engine.py)
     ENV_ARGS=()
+    TP_ARGS=(--rounds 2 --tokens 32 --batches 1 16)
+    BUDGET_TP=${BUDGET_TP:-120}  # spent only where there are two GPUs
     BUDGET_ENV=${BUDGET_ENV:-30} BUDGET_TESTS=${BUDGET_TESTS:-110} BUDGET_KERNELS=${BUDGET_KERNELS:-60}
     BUDGET_LATENT=${BUDGET_LATENT:-40} BUDGET_ENGINE=${BUDGET_ENGINE:-225}
 fi
@@ -109,6 +114,12 @@ stage kernels "$BUDGET_KERNELS" "${PYTEST[@]}" --benchmark-enable --benchmark-js
 stage latent "$BUDGET_LATENT" "${PYTEST[@]}" --benchmark-enable --benchmark-json="$OUT/latent.json" "${LATENT[@]}"
 export BENCH_SYNTHETIC="$SYNTH" BENCH_SHAPE="$SHAPE"
 stage engine "$BUDGET_ENGINE" "${PYTEST[@]}" --benchmark-enable --benchmark-json="$OUT/engine.json" "${ENGINE[@]}"
+# Tensor parallelism needs two devices: TP=2 against one process (and the communication it measures);
+# on one GPU the stage says so and passes. The dry run cuts a tiny model across 2 CPU processes.
+stage tensor-parallel "$BUDGET_TP" bash -c 'if [ "$0" = 1 ] || [ "$("$1" -c "import torch; print(torch.cuda.device_count())")" -ge 2 ]; then
+        exec "$1" bench/tensor_parallel.py --shape "$2" --tp 2 --folders "$3" --json "$4" "${@:5}"
+    else echo "tensor-parallel: fewer than 2 GPUs, nothing to compare"; fi' \
+    "$DRY" "$PY" "$SHAPE" "$SYNTH" "$OUT/tp.json" "${TP_ARGS[@]}"
 # The log is the one file that can grow past what comes back (16 MiB a file): keep its end.
 if [ "$(stat -c %s "$LOG")" -gt $((15 << 20)) ]; then
     tail -c $((15 << 20)) "$LOG" >"$LOG.tail" && mv "$LOG.tail" "$LOG"

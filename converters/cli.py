@@ -489,10 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; each runs main
             data_parallel.check_nproc(args.nproc, args.device or "cpu")
             return data_parallel.launch(args.nproc, argv, "converters.cli")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            if not hasattr(args, "nproc"):
-                raise UsageError("runs as one process: start it without torchrun")
-            data_parallel.init_from_environment(args.device or "cpu")
+        if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:  # under torchrun
+            if hasattr(args, "nproc"):  # data-parallel compression: every rank calibrates and trains
+                data_parallel.init_from_environment(args.device or "cpu")
+            elif getattr(args, "tensor_parallel_size", 1) != world:  # serving: rank 0 serves, the others step
+                raise UsageError(f"torchrun started {world} processes: give --tensor-parallel-size {world}"
+                                 if hasattr(args, "tensor_parallel_size") else "runs as one process: start it "
+                                 "without torchrun")
             if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports; the others would repeat it
                 sys.stdout = open(os.devnull, "w")
         args.run(args)

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+from engine.core.workers import free_port
 
 T = TypeVar("T")
 TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a rank (rank 0 may be writing a big folder)
@@ -209,7 +210,7 @@ def launch(nproc: int, argv: list[str], module: str) -> int:
     Ours rather than torchrun's agent so that an error stays one line: rank 0 reports on the
     terminal; the other ranks' output is kept aside and shown only when one of them failed first.
     When a rank fails the others are stopped at once (they would wait for it in a collective)."""
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                         "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logs = [None] + [tempfile.TemporaryFile() for _ in range(1, nproc)]
@@ -240,12 +241,6 @@ def launch(nproc: int, argv: list[str], module: str) -> int:
     for log in logs[1:]:
         log.close()
     return 128 - status if status < 0 else status  # killed by a signal: the shell's convention
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sum_across_ranks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

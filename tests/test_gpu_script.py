@@ -20,11 +20,13 @@ def test_the_dry_run_completes_every_stage_and_the_report_reads_it(tmp_path):
     log = (out / "log.txt").read_text() if (out / "log.txt").is_file() else ""
     assert result.returncode == 0, result.stdout + result.stderr + log[-3000:]
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-    assert [s["stage"] for s in stages] == ["env", "tests", "kernels", "latent", "engine"]
+    assert [s["stage"] for s in stages] == ["env", "tests", "kernels", "latent", "engine", "tensor-parallel"]
     assert all(s["rc"] == 0 and not s["timed_out"] for s in stages), (stages, log[-3000:])
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert {p.name for p in files} == {"env.json", "stages.jsonl", "tests.xml", "kernels.json", "latent.json",
-                                       "engine.json", "log.txt"}
+                                       "engine.json", "tp.json", "log.txt"}
+    tp = json.loads((out / "tp.json").read_text())
+    assert tp["tp"] == 2 and tp["measured"]["dense"]["per_layer_values"] == 2 * 128  # tiny-llama: hidden 128
     assert len(files) <= MAX_FILES and all(p.stat().st_size <= MAX_FILE_BYTES for p in files)
     assert all(p.parent == out for p in files)
     env_record = json.loads((out / "env.json").read_text())

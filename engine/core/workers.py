@@ -72,34 +72,43 @@ class Workers:
     """Rank 0's handle on ranks 1..size-1: starts them, joins their group, sends them each step."""
 
     def __init__(self, size: int, path: str | Path, dtype, device, ratio: float | None, config: EngineConfig):
+        """Start ranks 1..size-1 as processes of this machine, or, under torchrun (WORLD_SIZE set), join
+        the ranks torchrun started: there every rank runs the same program, and this call returns on
+        rank 0 only; on the others it serves steps until rank 0 stops, then exits the process."""
         check_tensor_parallel(ModelConfig.from_folder(path), size)
-        target = rank_device(device, 0)
-        if target.type == "cuda" and size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size {size} is more than the {torch.cuda.device_count()} CUDA "
-                             "devices this machine has")
+        torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if torchrun and int(os.environ["WORLD_SIZE"]) != size:
+            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes for tensor_parallel_size {size}: "
+                             "start as many as the size")
+        rank, local = (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))) if torchrun else (0, 0)
+        target = rank_device(device, local)
+        count = torch.cuda.device_count()
+        if target.type == "cuda" and (local >= count if torchrun else size > count):
+            raise ValueError(f"tensor_parallel_size {size} is more than the {count} CUDA devices this machine has")
         if dist.is_initialized():
-            raise ValueError("tensor_parallel_size > 1 starts its own process group: this process is already "
-                             "in one (torchrun)")
-        self.size, self.closed = size, False
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        threads = max(1, (os.cpu_count() or 1) // size)
-        context = mp.get_context("spawn")
-        self.procs = [context.Process(target=_worker_main, name=f"lowrank-tp-rank{rank}", daemon=True,
-                                      args=(rank, size, address, str(path), dtype, str(target.type), ratio,
-                                            asdict(config), threads))
-                      for rank in range(1, size)]
-        for p in self.procs:
-            p.start()
-        try:
-            if target.type == "cpu":
-                torch.set_num_threads(threads)  # this process is one of `size` sharing the cores
-            else:
-                torch.cuda.set_device(target)
-            dist.init_process_group("nccl" if target.type == "cuda" else "gloo", init_method=address, rank=0,
-                                    world_size=size, timeout=STEP_TIMEOUT)
-            self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-        except BaseException as exc:
-            raise WorkerLost(self._lost(exc)) from None
+            raise ValueError("tensor_parallel_size > 1 starts its own process group, and this process is in one "
+                             "already (another tensor-parallel LLM): close that first")
+        self.size, self.closed, self.procs = size, False, []
+        self.threads = torch.get_num_threads()  # this process's, given back by close()
+        threads = max(1, (os.cpu_count() or 1) // (int(os.environ.get("LOCAL_WORLD_SIZE", size)) if torchrun else size))
+        if torchrun:
+            self.control = _join(target, "env://", rank, size, threads)
+            if rank != 0:
+                _serve_steps(rank, size, str(path), dtype, target, ratio, config, self.control)
+                sys.exit(0)
+        else:
+            address = f"tcp://127.0.0.1:{free_port()}"
+            context = mp.get_context("spawn")
+            self.procs = [context.Process(target=_worker_main, name=f"lowrank-tp-rank{r}", daemon=True,
+                                          args=(r, size, address, str(path), dtype, str(target.type), ratio,
+                                                asdict(config), threads))
+                          for r in range(1, size)]
+            for p in self.procs:
+                p.start()
+            try:
+                self.control = _join(target, address, 0, size, threads)
+            except BaseException as exc:
+                raise WorkerLost(self._lost(exc)) from None
         atexit.register(self.close)
 
     def agree_blocks(self, num_blocks: int) -> int:
@@ -137,6 +146,7 @@ class Workers:
         self._terminate()
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.set_num_threads(self.threads)
         atexit.unregister(self.close)
 
     def _dead(self) -> list[tuple[int, int]]:
@@ -156,6 +166,7 @@ class Workers:
                 dist.destroy_process_group()
             except Exception:  # a group broken by the failure: nothing left to leave
                 pass
+        torch.set_num_threads(self.threads)
         atexit.unregister(self.close)
         if dead:
             ranks = ", ".join(f"rank {rank} (exit code {code})" for rank, code in dead)
@@ -174,23 +185,36 @@ class Workers:
                 p.join()
 
 
+def _join(device: torch.device, address: str, rank: int, size: int, threads: int) -> dist.ProcessGroup:
+    """Join the group (NCCL on CUDA, gloo on CPU; `address` a tcp:// rendezvous or env://) as `rank`,
+    with this rank's share of the cores; -> the control group (gloo, the long timeout)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(threads)  # the process is one of the ranks sharing this machine's cores
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=address, rank=rank,
+                            world_size=size, timeout=STEP_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
 def _worker_main(rank: int, size: int, address: str, path: str, dtype, device_type: str, ratio: float | None,
                  settings: dict, threads: int) -> None:
+    """A worker process of this machine: join the group, serve steps, leave."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    device = rank_device(device_type, rank)
+    control = _join(device, address, rank, size, threads)
+    _serve_steps(rank, size, path, dtype, device, ratio, EngineConfig(**settings), control)
+
+
+def _serve_steps(rank: int, size: int, path: str, dtype, device: torch.device, ratio: float | None,
+                 config: EngineConfig, control: dist.ProcessGroup) -> None:
     """A worker rank: load its shard, build its runner like rank 0's, then run each step rank 0
-    sends until told to stop (or until rank 0 is gone)."""
+    sends until told to stop; leaves the group. A failure (rank 0 gone: its sockets reset; or this
+    rank's own) is printed and exits 1: rank 0, or torchrun, reports it."""
     from .kv_cache import plan_cache
     from .runner import ModelRunner
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    torch.set_num_threads(threads)
-    device = rank_device(device_type, rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=address, rank=rank,
-                            world_size=size, timeout=STEP_TIMEOUT)
-    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     try:
-        config = EngineConfig(**settings)
         model = load_shard(path, dtype, device, ratio, config.kv_cache_dtype, rank, size)
         plan = plan_cache(model, config)
         num_blocks = _min_over_ranks(plan.num_blocks, control)
@@ -203,7 +227,7 @@ def _worker_main(rank: int, size: int, address: str, path: str, dtype, device_ty
             hidden = runner.execute(step)
             if step.rows:
                 runner.logits(hidden)  # the head's gather to rank 0
-    except Exception as exc:  # rank 0 gone (its sockets reset) or this rank's own failure: rank 0 reports
+    except Exception as exc:
         print(f"tensor-parallel rank {rank}: {type(exc).__name__}: {str(exc).strip()[:500]}", file=sys.stderr)
         sys.exit(1)
     finally:
@@ -227,7 +251,8 @@ def _min_over_ranks(value: int, group: dist.ProcessGroup) -> int:
     return int(t)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

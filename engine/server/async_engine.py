@@ -17,6 +17,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from engine.core.workers import WorkerLost
 from engine.llm import LLM
 from engine.outputs import RequestOutput, StreamDelta
 from engine.sampling_params import SamplingParams
@@ -135,6 +136,10 @@ class AsyncEngine:
                 if self.llm.has_unfinished():
                     try:
                         self._step()
+                    except WorkerLost as exc:  # a tensor-parallel rank died: the engine ends, saying why
+                        print(f"engine: {exc}", file=sys.stderr)
+                        self._closed = str(exc)
+                        return
                     except Exception:  # the batch's forward pass failed: no single request is to blame
                         traceback.print_exc(file=sys.stderr)
                         self._fail_all("internal error while generating; the request was aborted")

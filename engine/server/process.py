@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -55,6 +56,8 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, serve
 
     if not shutdown_grace >= 0:
         raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {shutdown_grace}")
+    if int(os.environ.get("RANK", "0")) > 0:  # a tensor-parallel rank under torchrun: rank 0 serves HTTP,
+        LLM(model, dtype=dtype, device=device, ratio=ratio, **engine_settings)  # this one its steps, then exits
     sock = bind(host, port)
     try:
         llm = LLM(model, dtype=dtype, device=device, ratio=ratio, **engine_settings)
