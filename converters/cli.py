@@ -96,8 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     if json_path:
         record = {"model": str(path), "text": str(text_path), "max_chars": args.max_chars, "dtype": dtype,
-                  "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations,
-             "tensor_parallel_size": args.tensor_parallel_size}
+                  "kv_cache_dtype": args.kv_cache_dtype, "int8_activations": args.int8_activations}
         atomic_write_text(json_path, json.dumps(record | result.as_dict(), indent=2) + "\n")
 
 

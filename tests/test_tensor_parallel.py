@@ -214,3 +214,22 @@ def test_more_ranks_than_gpus_is_refused(folders):
         pytest.skip("this machine has 4 GPUs")
     with pytest.raises(ValueError, match=f"tensor_parallel_size 4 is more than the {torch.cuda.device_count()} CUDA"):
         LLM(folders["llama-gqa"], device="cuda", tensor_parallel_size=4)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_torchrun_ranks_generate_what_one_process_does(folders):
+    """The same program on every rank: rank 0 runs the engine and prints, rank 1 serves its steps."""
+    args = ["generate", str(folders["llama-gqa"]), "t5 t7 t9", "--max-tokens", "8", "--device", "cpu"]
+    one = _cli("-m", "converters.cli", *args)
+    two = _cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "converters.cli", *args,
+               "--tensor-parallel-size", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    mismatched = _cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "converters.cli",
+                      *args)
+    assert mismatched.returncode != 0
+    assert "lowrank generate: error: torchrun started 2 processes: give --tensor-parallel-size 2" in mismatched.stderr
