@@ -72,7 +72,8 @@ class LLM:
         try:
             self._build(path, dtype, device, ratio)
         except BaseException:
-            self.close()
+            if self.workers is not None:
+                self.workers.close(graceful=False)
             raise
         self._requests: dict[int, _Request] = {}
         self._request_ids = itertools.count()

@@ -233,3 +233,19 @@ def test_torchrun_ranks_generate_what_one_process_does(folders):
                       *args)
     assert mismatched.returncode != 0
     assert "lowrank generate: error: torchrun started 2 processes: give --tensor-parallel-size 2" in mismatched.stderr
+
+
+def test_a_failure_on_rank_0_alone_while_building_frees_the_workers_at_once(folders, tmp_path):
+    """Rank 0 alone reads the tokenizer: when it is damaged the workers are already waiting in a
+    collective; they are terminated, not told (which would wait for them)."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(folders["llama-gqa"], folder)
+    (folder / "tokenizer.json").write_text("{not json")
+    started = time.monotonic()
+    with pytest.raises(Exception, match="tokenizer"):
+        LLM(folder, device="cpu", tensor_parallel_size=2)
+    assert time.monotonic() - started < 30  # liveness: a told worker in the wrong collective waits JOIN_SECONDS+
+    assert not mp.active_children() or all(not p.name.startswith("lowrank-tp") for p in mp.active_children())
+    assert not dist.is_initialized()

@@ -131,18 +131,21 @@ class Workers:
         """A step's collective failed: the engine stops, its workers are freed, the error names why."""
         return WorkerLost(self._lost(exc))
 
-    def close(self) -> None:
-        """Stop the workers (told, then terminated after JOIN_SECONDS) and leave the group. Idempotent."""
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers and leave the group. Idempotent. Graceful (a built engine's end): they are
+        told, then terminated after JOIN_SECONDS; otherwise (an engine that failed while being built,
+        its workers perhaps inside another collective) terminated at once."""
         if self.closed:
             return
         self.closed = True
-        try:
-            if not self._dead():
-                dist.broadcast(torch.full((HEADER,), STOP, dtype=torch.long), src=0, group=self.control)
-        except Exception:  # a worker gone already: it needs no telling
-            pass
-        for p in self.procs:
-            p.join(timeout=JOIN_SECONDS)
+        if graceful:
+            try:
+                if not self._dead():
+                    dist.broadcast(torch.full((HEADER,), STOP, dtype=torch.long), src=0, group=self.control)
+            except Exception:  # a worker gone already: it needs no telling
+                pass
+            for p in self.procs:
+                p.join(timeout=JOIN_SECONDS)
         self._terminate()
         if dist.is_initialized():
             dist.destroy_process_group()
