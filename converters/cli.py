@@ -259,7 +259,8 @@ def _print_quantization(quantization: dict) -> None:
 
 
 HEAL_OPTIONS = {"max_ratio": None, "heal_mode": "full", "heal_lr": None, "heal_batch_size": 4, "heal_seq_len": 256,
-                "train_dense": False, "freeze_norms": False, "hidden_weight": 0.0, "resume": False, "stop_after": None}
+                "train_dense": False, "freeze_norms": False, "hidden_weight": 0.0, "fsdp": False, "resume": False,
+                "stop_after": None}
 
 
 def _heal_options_given(args: argparse.Namespace) -> list[str]:
@@ -279,8 +280,8 @@ def _heal_config(args: argparse.Namespace, steps: int, calib: Path, device: str)
 
     return HealConfig(steps=steps, mode=args.heal_mode, lr=args.heal_lr, batch_size=args.heal_batch_size,
                       seq_len=args.heal_seq_len, max_ratio=args.max_ratio, train_dense=args.train_dense,
-                      train_norms=not args.freeze_norms, hidden_weight=args.hidden_weight, calib=str(calib),
-                      device=device, seed=args.seed)
+                      train_norms=not args.freeze_norms, hidden_weight=args.hidden_weight, fsdp=args.fsdp,
+                      calib=str(calib), device=device, seed=args.seed)
 
 
 def _print_healing(healing: dict) -> None:
@@ -434,6 +435,9 @@ def _add_heal_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-weight", type=float_in(lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
                    default=HEAL_OPTIONS["hidden_weight"],
                    help="weight of a per-layer hidden-state term beside the KL (default 0: KL only)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --nproc / torchrun: shard student and teacher across the ranks (FSDP) instead of "
+                        "replicating them, for factors that do not fit one device")
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in <out>.partial")
     p.add_argument("--stop-after", type=positive_int,
                    help="checkpoint and stop after N steps of this run (go on later with --resume)")

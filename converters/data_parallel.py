@@ -97,18 +97,49 @@ class _HiddenStates(nn.Module):
         return torch.cat(self.model.hidden_states(batch))
 
 
-def hidden_states_fn(model: nn.Module) -> nn.Module:
+def hidden_states_fn(model: nn.Module, replicate: bool = True) -> nn.Module:
     """`model`'s hidden states of a batch, [tokens, hidden]: inside a process group through
     DistributedDataParallel, whose backward averages the trainable parameters' gradients over the
     ranks (bucketed, overlapping the backward), so every rank's optimiser takes the same step.
+    `replicate=False`: a model already sharded (`shard_layers`), whose FSDP hooks average them.
 
     Buffers are not synchronised at each step: they are the frozen factors, equal on every rank."""
     wrapped = _HiddenStates(model)
-    if world()[1] == 1:
+    if world()[1] == 1 or not replicate:
         return wrapped
     cuda = next(model.parameters()).is_cuda
     return DistributedDataParallel(wrapped, device_ids=[torch.cuda.current_device()] if cuda else None,
                                    forward_sync_buffers=False)
+
+
+def shard_layers(model: nn.Module) -> None:
+    """FSDP (torch's fully_shard) in place: each decoder layer's parameters, and the rest with the
+    root, split across the ranks and gathered only around their own forward and backward, so a
+    model (its trainable factors, their gradients and Adam's moments) need not fit one device.
+    Gradients are averaged over the ranks as DistributedDataParallel's are. World size 1: nothing."""
+    if world()[1] == 1:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered whole on every rank (a collective); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `param` is: its shard of this rank when `param` is sharded (a DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements)
+    return whole.to(param.device)
 
 
 def mean_across_ranks(value: torch.Tensor) -> float:

@@ -40,7 +40,8 @@ The healed folder itself is written atomically at the end and the partial folder
 Memory. Student and teacher are float32. Full mode adds a gradient and two Adam moments per
 trained value (16 bytes per kept factor entry in all): on a 7B model at ratio 0.3 that is ~72 GB
 for the factors alone, beyond one 80 GB GPU beside the teacher; LoRA mode trains a few per cent
-of that and fits there. Measured runs (time per phase, page faults, peak RSS) are recorded per
+of that and fits there, and `fsdp` (N ranks of a process group) shards student and teacher so
+each rank holds 1/N of them (`converters.data_parallel.shard_layers`). Measured runs (time per phase, page faults, peak RSS) are recorded per
 folder.
 """
 
@@ -70,8 +71,8 @@ from kernels import lowrank_gemm
 
 from .bake import files_sha256, read_tensors, weights_sha256, write_folder_atomically
 from .calibrate import sample_windows, tokenize_file
-from .data_parallel import (agree, check_batch_size, hidden_states_fn, mean_across_ranks, progress,
-                            rank_zero_writes, split_batch, sum_across_ranks, world)
+from .data_parallel import (agree, check_batch_size, full, hidden_states_fn, like, mean_across_ranks, progress,
+                            rank_zero_writes, shard_layers, split_batch, sum_across_ranks, world)
 from .distill import distill_kl, head_weight
 from .quantize import quantized_problem
 
@@ -95,6 +96,7 @@ class HealConfig:
     train_norms: bool = True  # a consistent small gain for 35k parameters (bench/results/heal-recipe.md)
     lora_rank: int = 16
     hidden_weight: float = 0.0
+    fsdp: bool = False  # in a process group: shard student and teacher across the ranks instead of replicating them
     checkpoint_every: int = 25
     calib: str = ""
     device: str = "cpu"
@@ -165,8 +167,11 @@ class HealedLowRank(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as the folder stores them: the unit form scaled back (LoRA merged in)."""
-        A, B = self.unit_factors()
+        """(A, B) as the folder stores them: the unit form scaled back (LoRA merged in). Sharded
+        (fsdp), every rank calls it: the shards are gathered."""
+        A, B = full(self.A_unit), full(self.B_unit)
+        if self.lora:
+            A, B = A + full(self.P_a) @ full(self.Q_a), B + full(self.P_b) @ full(self.Q_b)
         return A * self.a, B * self.b[:, None]
 
 
@@ -203,21 +208,20 @@ def build_student(folder: Path, manifest: dict, config: HealConfig) -> Student:
             healed = HealedLowRank(model.get_submodule(name), config.mode, config.lora_rank, generator)
             setattr(model.get_submodule(parent), child, healed.to(config.device))
             factorised[name] = healed
-    trained, groups = {}, []
-    for name, module in factorised.items():
-        for leaf, p in module.named_parameters():
-            if p.requires_grad:
-                trained[f"{name}.{leaf}"] = p
-    groups.append({"params": list(trained.values()), "scale": 1.0})
-    extra = {}
+    names = [f"{name}.{leaf}" for name, module in factorised.items()
+             for leaf, p in module.named_parameters() if p.requires_grad]
+    scales = {}  # one group each beyond the factors: lr × that weight's RMS
     for name, module in model.named_modules():
         if (config.train_dense and isinstance(module, Linear) and name in manifest["modules"]) or \
                 (config.train_norms and isinstance(module, RMSNorm)):
-            extra[f"{name}.weight"] = module.weight
-    for name, p in extra.items():  # one group each: lr × that weight's RMS
-        p.requires_grad_(True)
-        trained[name] = p
-        groups.append({"params": [p], "scale": p.detach().pow(2).mean().sqrt().clamp(min=1e-12).item()})
+            module.weight.requires_grad_(True)
+            scales[f"{name}.weight"] = module.weight.detach().pow(2).mean().sqrt().clamp(min=1e-12).item()
+    if config.fsdp:
+        shard_layers(model)  # the parameters become shards (DTensors): collected by name below
+    params = dict(model.named_parameters())
+    trained = {name: params[name] for name in names + list(scales)}
+    groups = [{"params": [trained[n] for n in names], "scale": 1.0}]
+    groups += [{"params": [trained[n]], "scale": scale} for n, scale in scales.items()]
     return Student(model, factorised, trained, groups)
 
 
@@ -277,11 +281,14 @@ class _Run:
         torch.manual_seed(config.seed)
         check_batch_size(config.batch_size, "--heal-batch-size")
         self.student = build_student(folder, manifest, config)
-        self.student_hidden = hidden_states_fn(self.student.model)  # DistributedDataParallel in a group
+        # In a group: replicated under DistributedDataParallel, or (fsdp) sharded, each rank holding a share.
+        self.student_hidden = hidden_states_fn(self.student.model, replicate=not config.fsdp)
         self.scores = stored_scores(weight_files(folder))
         self.teacher = load_model(self.teacher_dir, dtype=torch.float32, device=config.device)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        if config.fsdp:
+            shard_layers(self.teacher)
         token_ids = tokenize_file(load_tokenizer(folder), config.calib)
         self.count = min(config.steps * config.batch_size, len(token_ids) // config.seq_len)
         if self.count < 1:
@@ -293,7 +300,7 @@ class _Run:
             [{"params": g["params"], "lr": config.lr * g["scale"]} for g in self.student.groups],
             betas=config.betas, eps=1e-8)
         # What the weights depend on (not checkpoint_every): a checkpoint resumes only the same run.
-        self.fingerprint = {"config": {k: v for k, v in config.as_dict().items() if k != "checkpoint_every"},
+        self.fingerprint = {"config": {k: v for k, v in config.as_dict().items() if k not in ("checkpoint_every", "fsdp")},
                             "folder_sha256": weights_sha256(folder), "calib_sha256": files_sha256([Path(config.calib)])}
         self.start, self.history = 0, []
         self.timing = {"teacher": 0.0, "student": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -364,7 +371,7 @@ def _loss(student: CausalLM, student_hidden, teacher: CausalLM, batch: list[torc
     t1 = time.perf_counter()
     with _layer_outputs(student, hidden_weight > 0) as student_layers:
         hidden = student_hidden(batch)
-    kl = share * distill_kl(hidden, teacher_hidden, head_weight(student))
+    kl = share * distill_kl(hidden, teacher_hidden, full(head_weight(student)))  # whole, when sharded
     loss = kl
     if hidden_weight > 0:
         norms = torch.stack([t.pow(2).sum() for t in teacher_layers])
@@ -444,7 +451,7 @@ def write_healed(folder: Path, out: Path, student: Student, manifest: dict) -> N
         updates[f"{name}.A"], updates[f"{name}.B"] = module.merged()
     for name, p in student.trained.items():
         if name.endswith(".weight"):
-            updates[name] = p.detach()
+            updates[name] = full(p.detach())
     for name, value in updates.items():
         tensors[name] = value.to("cpu", tensors[name].dtype).contiguous()
     write_folder_atomically(folder, out, tensors, manifest)
@@ -453,20 +460,20 @@ def write_healed(folder: Path, out: Path, student: Student, manifest: dict) -> N
 def _save_checkpoint(partial: Path, fingerprint: dict, step: int, history: list, student: Student,
                      optimizer: torch.optim.Optimizer) -> None:
     """Trainable tensors, Adam's state and the progress at `step` in one safetensors file (the
-    progress as its JSON metadata), renamed into place: a crash mid-write keeps the previous one."""
-    rank_zero_writes(lambda: _write_checkpoint(partial, fingerprint, step, history, student, optimizer))
-
-
-def _write_checkpoint(partial: Path, fingerprint: dict, step: int, history: list, student: Student,
-                      optimizer: torch.optim.Optimizer) -> None:
-    partial.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{name}": p.detach().cpu().contiguous() for name, p in student.trained.items()}
+    progress as its JSON metadata), renamed into place: a crash mid-write keeps the previous one.
+    Whole tensors (shards gathered on every rank, fsdp), so any layout resumes it; rank 0 writes."""
+    tensors = {f"param.{name}": full(p.detach()).cpu().contiguous() for name, p in student.trained.items()}
     for name, p in student.trained.items():
         if state := optimizer.state.get(p):
-            tensors[f"adam.{name}.exp_avg"] = state["exp_avg"].cpu().contiguous()
-            tensors[f"adam.{name}.exp_avg_sq"] = state["exp_avg_sq"].cpu().contiguous()
-            tensors[f"adam.{name}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
+            tensors[f"adam.{name}.exp_avg"] = full(state["exp_avg"]).cpu().contiguous()
+            tensors[f"adam.{name}.exp_avg_sq"] = full(state["exp_avg_sq"]).cpu().contiguous()
+            tensors[f"adam.{name}.step"] = torch.as_tensor(full(state["step"]), dtype=torch.float32).cpu().reshape(1)
     progress = json.dumps(fingerprint | {"step": step, "history": history})
+    rank_zero_writes(lambda: _write_checkpoint(partial, tensors, progress))
+
+
+def _write_checkpoint(partial: Path, tensors: dict[str, torch.Tensor], progress: str) -> None:
+    partial.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(partial / f"{CHECKPOINT}.new"), metadata={"progress": progress})
     (partial / f"{CHECKPOINT}.new").replace(partial / CHECKPOINT)
 
@@ -482,9 +489,9 @@ def _load_checkpoint(partial: Path, fingerprint: dict, student: Student,
                          f"({', '.join(mismatched)} differ): drop --resume to start over")
     with torch.no_grad():
         for name, p in student.trained.items():
-            p.copy_(tensors[f"param.{name}"])
+            p.copy_(like(p, tensors[f"param.{name}"]))
             if f"adam.{name}.exp_avg" in tensors:
                 optimizer.state[p] = {"step": tensors[f"adam.{name}.step"].reshape(()).clone(),
-                                      "exp_avg": tensors[f"adam.{name}.exp_avg"].to(p.device),
-                                      "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(p.device)}
+                                      "exp_avg": like(p, tensors[f"adam.{name}.exp_avg"]),
+                                      "exp_avg_sq": like(p, tensors[f"adam.{name}.exp_avg_sq"])}
     return progress["step"], progress["history"]

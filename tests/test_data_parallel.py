@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -51,7 +52,10 @@ def _sum_mismatched(rank):
 
 
 def _spawn(tmp_path, world_size, job, *args):
-    mp.spawn(_in_group, args=(world_size, str(tmp_path / "rendezvous"), job, *args), nprocs=world_size)
+    """`job(rank, *args)` in each of `world_size` processes of a fresh group (its own rendezvous file:
+    a sharded run's device mesh may keep the last one's alive)."""
+    init = tempfile.mktemp(dir=tmp_path, prefix="rendezvous-")
+    mp.spawn(_in_group, args=(world_size, init, job, *args), nprocs=world_size)
 
 
 @pytest.mark.parametrize("samples", [7, 8])
@@ -145,19 +149,25 @@ def compressed(tmp_path_factory):
     return {"dense": dense, "calib": calib, "svdllm": out, "root": root}
 
 
-def _heal(rank, folder, calib, out, stop_after):
+def _heal(rank, folder, calib, out, stop_after, fsdp=False, mode="full"):
     config = HealConfig(steps=STEPS, batch_size=3, seq_len=16, lr=3e-2, hidden_weight=0.5, max_ratio=0.5,
-                        checkpoint_every=2, calib=calib)
+                        checkpoint_every=2, calib=calib, fsdp=fsdp, mode=mode)
     heal(folder, out, config, resume=True, stop_after=stop_after)
 
 
-def test_two_ranks_heal_as_one_process_and_resume_from_rank_zeros_checkpoint(compressed, tmp_path):
+@pytest.mark.parametrize("first, then, mode", [
+    (False, False, "full"),  # replicated (DistributedDataParallel)
+    (True, True, "full"),  # sharded (FSDP): factors, gradients and Adam's moments split across the ranks
+    (False, True, "lora"),  # a replicated run's checkpoint resumed sharded: it holds whole tensors
+])
+def test_two_ranks_heal_as_one_process_and_resume_from_rank_zeros_checkpoint(compressed, tmp_path, first, then,
+                                                                           mode):
     args = (str(compressed["svdllm"]), str(compressed["calib"]))
-    _spawn(tmp_path, 2, _heal, *args, str(tmp_path / "two"), 3)  # stopped half-way: a checkpoint
+    _spawn(tmp_path, 2, _heal, *args, str(tmp_path / "two"), 3, first, mode)  # stopped half-way: a checkpoint
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two.partial"]
-    _spawn(tmp_path, 2, _heal, *args, str(tmp_path / "two"), None)  # resumed by both ranks
+    _spawn(tmp_path, 2, _heal, *args, str(tmp_path / "two"), None, then, mode)  # resumed by both ranks
     torch.set_num_threads(1)
-    _heal("single", *args, str(tmp_path / "one"), None)
+    _heal("single", *args, str(tmp_path / "one"), None, False, mode)
     got, expected = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -222,3 +232,24 @@ def test_a_rank_that_dies_stops_the_others(tmp_path, monkeypatch):
     launcher.start()
     launcher.join(timeout=120)  # liveness, not speed: without the launcher's stop it would hang for 30 minutes
     assert result == [128 + 9]
+
+
+def _student_shards(rank, folder, out):
+    from torch.distributed.tensor import DTensor
+
+    from converters.heal import build_student
+    from engine.model.checkpoint import read_manifest
+
+    student = build_student(Path(folder), read_manifest(folder), HealConfig(steps=4, fsdp=True))
+    shards = {name: p.to_local().shape[0] for name, p in student.trained.items() if isinstance(p, DTensor)}
+    whole = {name: p.shape[0] for name, p in student.trained.items()}
+    Path(f"{out}/shards{rank}.json").write_text(json.dumps({"shards": shards, "whole": whole}))
+
+
+def test_fsdp_gives_each_rank_a_share_of_every_trained_tensor(compressed, tmp_path):
+    _spawn(tmp_path, 2, _student_shards, str(compressed["svdllm"]), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"shards{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["shards"].keys() == ranks[0]["whole"].keys()  # every trained tensor is sharded
+    for name, rows in ranks[0]["whole"].items():
+        assert ranks[0]["shards"][name] + ranks[1]["shards"][name] == rows
+        assert ranks[0]["shards"][name] == -(-rows // 2)  # dim 0 split in two
