@@ -119,7 +119,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     device = args.device or "cpu"
     config = None if args.ratio is None else CompressConfig(
         ratio=args.ratio, method=args.method, calib=str(calib), samples=args.samples, seq_len=args.seq_len,
-        steps=args.steps, batch_size=args.batch_size, device=device, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, fsdp=args.fsdp, device=device, seed=args.seed,
     )
     kv_config = None if args.kv_ratio is None else LoRCConfig(
         kv_ratio=args.kv_ratio, schedule=args.kv_schedule, calib=str(calib), samples=args.samples,
@@ -259,8 +259,7 @@ def _print_quantization(quantization: dict) -> None:
 
 
 HEAL_OPTIONS = {"max_ratio": None, "heal_mode": "full", "heal_lr": None, "heal_batch_size": 4, "heal_seq_len": 256,
-                "train_dense": False, "freeze_norms": False, "hidden_weight": 0.0, "fsdp": False, "resume": False,
-                "stop_after": None}
+                "train_dense": False, "freeze_norms": False, "hidden_weight": 0.0, "resume": False, "stop_after": None}
 
 
 def _heal_options_given(args: argparse.Namespace) -> list[str]:
@@ -382,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=512, help="gptq: tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda for the calibration pass (default cpu)")
-    _add_parallel_options(p)
+    _add_parallel_options(p, training=False)
     _add_output_options(p)
     p.set_defaults(run=cmd_quantize)
 
@@ -435,9 +434,6 @@ def _add_heal_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-weight", type=float_in(lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
                    default=HEAL_OPTIONS["hidden_weight"],
                    help="weight of a per-layer hidden-state term beside the KL (default 0: KL only)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="with --nproc / torchrun: shard student and teacher across the ranks (FSDP) instead of "
-                        "replicating them, for factors that do not fit one device")
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in <out>.partial")
     p.add_argument("--stop-after", type=positive_int,
                    help="checkpoint and stop after N steps of this run (go on later with --resume)")
@@ -448,10 +444,14 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
-def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+def _add_parallel_options(p: argparse.ArgumentParser, training: bool = True) -> None:
     p.add_argument("--nproc", type=positive_int, default=1,
                    help="data-parallel ranks on this machine (one per GPU with --device cuda; default 1); "
                         "under torchrun the ranks are torchrun's")
+    if training:
+        p.add_argument("--fsdp", action="store_true",
+                       help="with --nproc / torchrun: shard SoCo's and healing's student and teacher across the ranks "
+                            "(FSDP) instead of replicating them, for factors that do not fit one device")
 
 
 def _add_quant_options(p: argparse.ArgumentParser, required: bool) -> None:

@@ -41,6 +41,7 @@ class CompressConfig:
     batch_size: int = 2
     lr: float = 2e-2
     progressive: bool = False  # SoCo's stage 1 ramps its target ratio (converters.soco; worse so far)
+    fsdp: bool = False  # SoCo in a process group: factors and teacher sharded across the ranks
     device: str = "cpu"
     seed: int = 0
 
@@ -93,7 +94,7 @@ def compress_prepared(prepared: Prepared, model_dir: str | Path, out: str | Path
     if config.method == "soco":
         soco = SoCoConfig(ratio=config.ratio, steps=config.steps, batch_size=config.batch_size,
                           seq_len=config.train_seq_len, lr=config.lr, progressive=config.progressive,
-                          seed=config.seed)
+                          fsdp=config.fsdp, seed=config.seed)
         count = min(config.steps * config.batch_size, len(prepared.token_ids) // config.train_seq_len)
         train_windows = sample_windows(prepared.token_ids, count, config.train_seq_len, config.seed + 1)
         dense_total = sum(o * i for o, i in (f.shape for f in factors.values()))

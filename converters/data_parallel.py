@@ -103,7 +103,7 @@ def hidden_states_fn(model: nn.Module, replicate: bool = True) -> nn.Module:
     ranks (bucketed, overlapping the backward), so every rank's optimiser takes the same step.
     `replicate=False`: a model already sharded (`shard_layers`), whose FSDP hooks average them.
 
-    Buffers are not synchronised at each step: they are the frozen factors, equal on every rank."""
+    Buffers are not synchronised at each step: frozen, they are equal on every rank."""
     wrapped = _HiddenStates(model)
     if world()[1] == 1 or not replicate:
         return wrapped
@@ -112,18 +112,31 @@ def hidden_states_fn(model: nn.Module, replicate: bool = True) -> nn.Module:
                                    forward_sync_buffers=False)
 
 
-def shard_layers(model: nn.Module) -> None:
+def shard_layers(model: nn.Module, ignored: set[nn.Parameter] | None = None) -> None:
     """FSDP (torch's fully_shard) in place: each decoder layer's parameters, and the rest with the
     root, split across the ranks and gathered only around their own forward and backward, so a
     model (its trainable factors, their gradients and Adam's moments) need not fit one device.
-    Gradients are averaged over the ranks as DistributedDataParallel's are. World size 1: nothing."""
+    Gradients are averaged over the ranks as DistributedDataParallel's are; `ignored` parameters stay
+    whole on every rank, and their gradients to the caller (`average_across_ranks`). World size 1: nothing."""
     if world()[1] == 1:
         return
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
+def average_across_ranks(tensors: list[torch.Tensor]) -> None:
+    """Each tensor replaced, in place, by its mean over the ranks (one all_reduce for them all)."""
+    size = world()[1]
+    if size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= size
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

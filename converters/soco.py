@@ -55,7 +55,8 @@ from engine.model.llama import CausalLM
 from engine.model.rank_budget import allocate_ranks, dense_rank, uniform_priority
 from kernels import lowrank_gemm
 
-from .data_parallel import hidden_states_fn, mean_across_ranks, progress, split_batch
+from .data_parallel import (average_across_ranks, full, hidden_states_fn, mean_across_ranks, progress, shard_layers,
+                            split_batch)
 from .distill import distill_kl, head_weight
 from .factorize import Factors
 
@@ -74,6 +75,7 @@ class SoCoConfig:
     stage1_frac: float = 0.5
     stage2_frac: float = 0.75
     progressive: bool = False  # stage 1 ramps the target ratio (see the module docstring; measured worse so far)
+    fsdp: bool = False  # in a process group: shard the frozen factors and the teacher across the ranks
     ramp_frac: float = 0.5  # the ramped target reaches the ratio at this fraction of stage 1 (then
     # the last scores it reaches still have the ~1/lr Adam steps they need to fall from 1 to 0)
     seed: int = 0
@@ -107,8 +109,9 @@ class MaskedLowRank(nn.Module):
     def __init__(self, factors: Factors, bias: torch.Tensor | None):
         super().__init__()
         k = min(len(factors.sigma), int(dense_rank(factors.shape)))
-        self.register_buffer("A", factors.A[:, :k].float().contiguous())
-        self.register_buffer("B", factors.B[:k].float().contiguous())
+        # Frozen parameters rather than buffers: what FSDP shards (`fsdp`); no gradient is formed for them.
+        self.A = nn.Parameter(factors.A[:, :k].float().contiguous(), requires_grad=False)
+        self.B = nn.Parameter(factors.B[:k].float().contiguous(), requires_grad=False)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.scores = nn.Parameter(torch.ones(k))
         self.cost = sum(factors.shape)  # parameters per component: out + in
@@ -177,9 +180,13 @@ def train_scores(
     torch.manual_seed(config.seed)
     student = build_student(teacher, factors)
     modules = {name: student.get_submodule(name) for name in factors}
-    student_hidden = hidden_states_fn(student)
+    scores = [m.scores for m in modules.values()]
+    if config.fsdp:  # the factors (and the teacher) sharded; the scores, a few thousand values, replicated
+        shard_layers(student, ignored=set(scores))
+        shard_layers(teacher)
+    student_hidden = hidden_states_fn(student, replicate=not config.fsdp)
     target = (1 - config.ratio) * dense_params
-    optimizer = torch.optim.Adam([m.scores for m in modules.values()], lr=config.lr)
+    optimizer = torch.optim.Adam(scores, lr=config.lr)
     s1_end, s2_end = int(config.stage1_frac * config.steps), int(config.stage2_frac * config.steps)
     stage, weight, lambda0, history = 1, 0.0, None, []
     mean_cost = sum(m.cost * len(m.scores) for m in modules.values()) / sum(len(m.scores) for m in modules.values())
@@ -190,7 +197,7 @@ def train_scores(
         batch, share = split_batch(windows[idx])
         with torch.no_grad():
             teacher_hidden = torch.cat(teacher.hidden_states(list(batch)))
-        kl = share * distill_kl(student_hidden(list(batch)), teacher_hidden, head_weight(student))
+        kl = share * distill_kl(student_hidden(list(batch)), teacher_hidden, full(head_weight(student)))
         goal = config.ratio
         if stage == 1 and config.progressive:
             goal = config.ratio * min(1.0, (step + 1) / max(1, config.ramp_frac * s1_end))
@@ -212,6 +219,8 @@ def train_scores(
         loss = kl + weight * F.relu(params / (target if stage > 1 else goal_params) - 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.fsdp:  # FSDP leaves the replicated scores alone: their gradients averaged here, as DDP would
+            average_across_ranks([m.scores.grad for m in modules.values()])
         if lambda0 is None:  # step 0 ran on L_inc alone: match L_dec's gradient scale to it
             kl_grad = torch.cat([m.scores.grad.abs() for m in modules.values()]).mean().item()
             lambda0 = lambda_end = kl_grad / (mean_cost / target)

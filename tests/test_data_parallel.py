@@ -104,22 +104,23 @@ def test_fewer_batches_than_ranks_is_refused(monkeypatch):
 STEPS = 6
 
 
-def _soco(rank, folder, windows_file, out):
+def _soco(rank, folder, windows_file, out, fsdp=False):
     teacher = load_model(folder, device="cpu", dtype=torch.float32)
     factors = {name: whitened_svd(teacher.get_submodule(name).weight, None) for name in decoder_linears(teacher)}
     dense = sum(o * i for o, i in (f.shape for f in factors.values()))
-    config = SoCoConfig(ratio=0.3, steps=STEPS, batch_size=3, seq_len=24, lr=3e-2)
+    config = SoCoConfig(ratio=0.3, steps=STEPS, batch_size=3, seq_len=24, lr=3e-2, fsdp=fsdp)
     result = train_scores(teacher, factors, load_file(windows_file)["windows"], config, dense)
     save_file(result.scores, f"{out}/scores{rank}.safetensors")
     Path(f"{out}/history{rank}.json").write_text(json.dumps(result.history))
 
 
-def test_two_ranks_train_the_soco_scores_of_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])  # replicated (DDP), or factors and teacher sharded (FSDP)
+def test_two_ranks_train_the_soco_scores_of_one_process(tmp_path, fsdp):
     folder = tmp_path / "model"
     save_tiny_model(CONFIG, folder)
     windows = torch.randint(0, CONFIG.vocab_size, (12, 24))
     save_file({"windows": windows}, tmp_path / "windows.safetensors")
-    _spawn(tmp_path, 2, _soco, str(folder), str(tmp_path / "windows.safetensors"), str(tmp_path))
+    _spawn(tmp_path, 2, _soco, str(folder), str(tmp_path / "windows.safetensors"), str(tmp_path), fsdp)
     torch.set_num_threads(1)  # as the ranks ran: the same kernels, so only the sums' order differs
     _soco("single", str(folder), str(tmp_path / "windows.safetensors"), str(tmp_path))
     expected = load_file(tmp_path / "scoressingle.safetensors")
