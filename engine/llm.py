@@ -3,6 +3,7 @@
     llm = LLM("models/smollm2-135m")
     out = llm.generate(["def fib(n):", "The capital of France is"], SamplingParams(max_tokens=32))
     for delta in llm.stream("Once upon a time", SamplingParams(temperature=0.8, seed=1)): ...
+    with LLM("models/llama", tensor_parallel_size=2, device="cuda") as llm: ...   # one process per GPU
 
 Each engine step is schedule -> run -> update (nano-vllm's shape); the scheduler owns request
 state, the runner owns tensors, and this module turns token ids into text, stop strings and
@@ -294,5 +295,6 @@ def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, count: int)
 
 def generate(model: str | Path, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | None = None,
              **llm_settings) -> list[RequestOutput]:
-    """One-liner: load `model` and complete `prompts`."""
-    return LLM(model, **llm_settings).generate(prompts, sampling_params)
+    """One-liner: load `model` and complete `prompts` (tensor-parallel workers stopped after)."""
+    with LLM(model, **llm_settings) as llm:
+        return llm.generate(prompts, sampling_params)
